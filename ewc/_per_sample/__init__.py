@@ -1,0 +1,13 @@
+"""Per-example squared-gradient engine.
+
+One entry point, :func:`squared_grad_sums`: for one forward pass and ``K`` backward signals on the
+model output it returns, per parameter, ``sum_k sum_n (d <s_k[n], out[n]> / d theta)^2`` — the
+sum over examples ``n`` of squared *per-example* gradients — without a Python loop over examples
+wherever a faster path applies.
+"""
+
+from __future__ import annotations
+
+from ewc._per_sample.engine import SquaredGradSums, squared_grad_sums
+
+__all__ = ["SquaredGradSums", "squared_grad_sums"]

@@ -1,0 +1,39 @@
+"""Type aliases shared by the core modules."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal, Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Batch",
+    "Criterion",
+    "FisherEstimator",
+    "ForwardFn",
+    "Mode",
+    "ParamSelector",
+    "TensorDict",
+]
+
+TensorDict = dict[str, Tensor]
+"""Per-parameter tensors keyed by the parameter's name in ``model.named_parameters()``."""
+
+Batch = Any
+"""Whatever the dataloader yields: by default ``(inputs, targets, *ignored)``."""
+
+ForwardFn = Callable[[nn.Module, Batch], tuple[Tensor, Any]]
+"""``forward(model, batch) -> (output, target)``: maps any batch layout to model output + target."""
+
+Criterion = Callable[..., Tensor]
+"""A loss ``criterion(output, target) -> scalar``, e.g. ``nn.CrossEntropyLoss()``."""
+
+Mode = Literal["separate", "online"]
+FisherEstimator = Literal["exact", "sample", "empirical", "batched"]
+
+ParamSelector = Union[None, Iterable[str], Callable[[str, torch.nn.Parameter], bool]]
+"""Which parameters to regularise: all trainable ones, the named ones, or those a predicate keeps."""
+
+ReadOnlyTensorMap = Mapping[str, Tensor]

@@ -1,0 +1,461 @@
+"""The :class:`EWC` regulariser: orchestrates :mod:`ewc.fisher`, :mod:`ewc.penalty` and
+:mod:`ewc.store`; it holds no maths of its own."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ewc import fisher as fisher_lib
+from ewc._typing import Batch, Criterion, ForwardFn, ParamSelector
+from ewc.errors import ConsolidationError, ParameterMismatchError, StateDictError
+from ewc.penalty import add_penalty_grad_, overlap, penalty_value
+from ewc.store import FORMAT_NAME, FORMAT_VERSION, ConsolidatedState, storage_dtype
+
+__all__ = ["EWC", "ConsolidationReport"]
+
+MODES = ("separate", "online")
+
+
+@dataclass(frozen=True)
+class ConsolidationReport:
+    """What one :meth:`EWC.consolidate` did.
+
+    Attributes:
+        examples: examples the Fisher was averaged over.
+        batches: batches read from the dataloader.
+        seconds: wall time of the consolidation.
+        estimator: the Fisher estimator used.
+        paths: per parameter, the engine path that computed its Fisher.
+    """
+
+    examples: int
+    batches: int
+    seconds: float
+    estimator: str
+    paths: dict[str, str] = field(default_factory=dict)
+
+
+class EWC:
+    """Elastic Weight Consolidation regulariser (Kirkpatrick et al. 2017; online: Schwarz et al.).
+
+    The penalty is kept as in Avalanche so that ``ewc_lambda`` carries over:
+    separate mode ``P = ewc_lambda * sum_t sum_i F_t,i (theta_i - a_t,i)^2``; online mode
+    ``P = ewc_lambda * sum_i G_i (theta_i - a_i)^2`` with ``G <- decay_factor * G + F``. Either
+    is stored as one quadratic per parameter, so memory and per-step cost are O(P) whatever the
+    number of tasks.
+
+    Args:
+        ewc_lambda: penalty strength, a float >= 0.
+        mode: ``"separate"`` (sum over tasks) or ``"online"`` (decayed running Fisher).
+        decay_factor: online only, in ``[0, 1]``.
+        keep_importance_data: also keep every task's ``(F_t, a_t)`` (O(T P) memory).
+        fisher: ``"exact"``, ``"sample"``, ``"empirical"`` or ``"batched"`` (see :mod:`ewc.fisher`).
+        mc_samples: labels drawn per example for ``fisher="sample"``.
+        max_samples: use only the first ``n`` examples the loader yields (the paper's EXACT(n)).
+        params: which parameters to regularise: None (all trainable), names, or a predicate
+            ``(name, param) -> bool``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from ewc import EWC
+        >>> model = nn.Linear(4, 3)
+        >>> data = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+        >>> reg = EWC(ewc_lambda=10.0)
+        >>> report = reg.consolidate(model, data, nn.CrossEntropyLoss())
+        >>> float(reg.penalty(model))
+        0.0
+    """
+
+    def __init__(
+        self,
+        ewc_lambda: float,
+        mode: str = "separate",
+        decay_factor: float | None = None,
+        keep_importance_data: bool = False,
+        *,
+        fisher: str = "exact",
+        mc_samples: int = 1,
+        max_samples: int | None = None,
+        params: ParamSelector = None,
+    ) -> None:
+        self.ewc_lambda = _check_lambda(ewc_lambda)
+        if mode not in MODES:
+            raise ValueError(f"Expected argument `mode` to be one of {MODES} but got {mode!r}")
+        if mode == "online" and decay_factor is None:
+            raise ValueError("Argument `decay_factor` is required with mode='online' but got None")
+        if mode == "separate" and decay_factor is not None:
+            raise ValueError(
+                f"Argument `decay_factor` is only used with mode='online' but got "
+                f"decay_factor={decay_factor!r} with mode='separate'"
+            )
+        if decay_factor is not None:
+            decay_factor = _check_unit_interval(decay_factor, "decay_factor")
+        if not isinstance(keep_importance_data, bool):
+            raise TypeError(
+                "Expected argument `keep_importance_data` to be a bool but got "
+                f"{keep_importance_data!r}"
+            )
+        if fisher not in fisher_lib.ESTIMATORS:
+            raise ValueError(
+                f"Expected argument `fisher` to be one of {fisher_lib.ESTIMATORS} but got {fisher!r}"
+            )
+        self.mode = mode
+        self.decay_factor = decay_factor
+        self.keep_importance_data = keep_importance_data
+        self.fisher = fisher
+        self.mc_samples = _check_positive_int(mc_samples, "mc_samples")
+        self.max_samples = (
+            None if max_samples is None else _check_positive_int(max_samples, "max_samples")
+        )
+        self.params = _check_selector(params)
+        self._state = ConsolidatedState()
+        self._workspace: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state(self) -> ConsolidatedState:
+        """The consolidated state (read-only; replaced as a whole by each consolidation)."""
+        return self._state
+
+    @property
+    def tasks(self) -> int:
+        """Number of consolidations so far."""
+        return self._state.tasks
+
+    def _set_state(self, state: ConsolidatedState) -> None:
+        self._state = state
+        self._workspace = {}
+
+    # ------------------------------------------------------------------ consolidation
+    def consolidate(
+        self,
+        model: nn.Module,
+        dataloader: Iterable[Batch],
+        criterion: Criterion,
+        *,
+        forward: ForwardFn | None = None,
+        progress: bool = False,
+        reduce: Callable[[fisher_lib.FisherSums], fisher_lib.FisherSums] | None = None,
+    ) -> ConsolidationReport:
+        """Estimate the Fisher at the current weights on ``dataloader`` and add the task.
+
+        Args:
+            model: the model, trained on the task just finished.
+            dataloader: any iterable of batches; by default ``(inputs, targets, *ignored)``.
+            criterion: the task loss, e.g. ``nn.CrossEntropyLoss()``; selects the likelihood for
+                ``exact``/``sample``.
+            forward: ``forward(model, batch) -> (output, target)`` for other batch layouts.
+            progress: show a tqdm progress bar with examples/s.
+            reduce: combines the Fisher sums across processes before the division (used by the
+                distributed support; default: none).
+
+        Returns:
+            a :class:`ConsolidationReport`.
+
+        Raises:
+            ConsolidationError: no data, NaN/inf, or an exception in the data pipeline; the
+                previous state is left exactly as it was (also on KeyboardInterrupt).
+        """
+        started = time.perf_counter()
+        params = self._selected_params(model)
+        _check_state_fits_model(self._state, model)
+        with _eval_mode(model), _progress_bar(progress) as on_batch:
+            try:
+                sums = fisher_lib.fisher_sums(
+                    model,
+                    params,
+                    dataloader,
+                    criterion,
+                    estimator=self.fisher,
+                    mc_samples=self.mc_samples,
+                    max_samples=self.max_samples,
+                    forward=forward,
+                    on_batch=on_batch,
+                )
+            except (ConsolidationError, TypeError, ValueError):
+                raise
+            except Exception as error:
+                raise ConsolidationError(
+                    f"consolidation failed while reading data or running the model "
+                    f"({type(error).__name__}: {error}); the consolidated state is unchanged"
+                ) from error
+        if reduce is not None:
+            sums = reduce(sums)
+        fisher = {
+            name: value.to(storage_dtype(params[name].dtype))
+            for name, value in fisher_lib.fisher_from_sums(sums.sums, sums.count).items()
+        }
+        anchor = {
+            name: p.detach().to(storage_dtype(p.dtype), copy=True) for name, p in params.items()
+        }
+        self._set_state(
+            self._state.with_task(
+                fisher,
+                anchor,
+                mode=self.mode,
+                decay_factor=self.decay_factor,
+                keep_history=self.keep_importance_data,
+            )
+        )
+        return ConsolidationReport(
+            examples=sums.examples,
+            batches=sums.batches,
+            seconds=time.perf_counter() - started,
+            estimator=self.fisher,
+            paths=sums.paths,
+        )
+
+    def _selected_params(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        named = dict(model.named_parameters())
+        if self.params is None:
+            return {name: p for name, p in named.items() if p.requires_grad}
+        if callable(self.params):
+            return {n: p for n, p in named.items() if p.requires_grad and self.params(n, p)}
+        unknown = [name for name in self.params if name not in named]
+        if unknown:
+            raise ValueError(
+                f"Argument `params` names {unknown} which the model does not have; its parameters "
+                f"are {sorted(named)}"
+            )
+        return {name: named[name] for name in self.params if named[name].requires_grad}
+
+    # ------------------------------------------------------------------ penalty
+    def _aligned(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter, Tensor, Tensor]]:
+        """Yield (name, param, A, m) for every consolidated parameter, checked and on its device."""
+        state = self._state
+        named = dict(model.named_parameters())
+        moved = False
+        for name, importance in state.importance.items():
+            param = named.get(name)
+            if param is None:
+                raise ParameterMismatchError(
+                    f"parameter {name!r} was consolidated but the model has no parameter of that "
+                    "name (renamed, removed, or a wrapper added a prefix?)"
+                )
+            _check_param_fits(name, importance, param)
+            if importance.device != param.device:
+                moved = True
+            yield name, param, importance, state.centre[name]
+        if moved:
+            self._move_state_to(model)
+
+    def _move_state_to(self, model: nn.Module) -> None:
+        devices = {name: p.device for name, p in model.named_parameters()}
+        state = self._state
+        self._state = ConsolidatedState(
+            {n: t.to(devices[n]) for n, t in state.importance.items()},
+            {n: t.to(devices[n]) for n, t in state.centre.items()},
+            state.offset,
+            state.tasks,
+            state.history,
+        )
+        self._workspace = {}
+
+    def penalty(self, model: nn.Module) -> Tensor:
+        """Differentiable ``ewc_lambda * (sum A (theta - m)^2 + r)``; 0 before any consolidation.
+
+        Cost: O(P) time; autograd keeps O(P) temporaries. For a cheaper gradient-only path that
+        builds no graph, see :meth:`penalty_grad_`.
+        """
+        if self._state.tasks == 0:
+            first = next(iter(model.parameters()), None)
+            device = first.device if first is not None else None
+            return torch.zeros((), device=device)
+        aligned = list(self._aligned(model))
+        if any(importance.device != param.device for _, param, importance, _ in aligned):
+            aligned = list(self._aligned(model))
+        params = [param for _, param, _, _ in aligned]
+        offset = self._state.offset.to(params[0].device) if params else self._state.offset
+        return penalty_value(
+            params,
+            [importance for _, _, importance, _ in aligned],
+            [centre for _, _, _, centre in aligned],
+            offset,
+            self.ewc_lambda,
+        )
+
+    @torch.no_grad()
+    def penalty_grad_(self, model: nn.Module) -> None:
+        """Add ``d penalty / d theta = 2 * ewc_lambda * A * (theta - m)`` to each ``p.grad``.
+
+        No autograd graph; fused ``torch._foreach_*`` kernels over preallocated buffers, so no
+        parameter-sized allocation per call (a ``.grad`` that is None is created as zeros).
+        Cost: O(P) time, reading theta, A and m once each.
+        """
+        if self._state.tasks == 0 or self.ewc_lambda == 0.0:
+            return
+        aligned = list(self._aligned(model))
+        grads, params, importances, centres, workspace = [], [], [], [], []
+        for name, param, importance, centre in aligned:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            block = overlap(importance.shape)
+            grads.append(param.grad[block])
+            params.append(param.detach()[block])
+            importances.append(importance)
+            centres.append(centre)
+            work = self._workspace.get(name)
+            if work is None or work.shape != importance.shape or work.device != importance.device:
+                work = self._workspace[name] = torch.empty_like(importance)
+            workspace.append(work)
+        add_penalty_grad_(grads, params, importances, centres, workspace, self.ewc_lambda)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def state_dict(self) -> dict[str, Any]:
+        """A ``torch.save``-able dict with a format version, the options and the state."""
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "config": {
+                "ewc_lambda": self.ewc_lambda,
+                "mode": self.mode,
+                "decay_factor": self.decay_factor,
+                "keep_importance_data": self.keep_importance_data,
+                "fisher": self.fisher,
+                "mc_samples": self.mc_samples,
+                "max_samples": self.max_samples,
+            },
+            "state": self._state.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state saved by :meth:`state_dict`.
+
+        The consolidated quadratic is replaced; this object's options (``ewc_lambda``, estimator)
+        stay as constructed, but ``mode`` must match, since the stored quadratic means something
+        else in the other mode. Raises :class:`StateDictError` for a foreign, damaged or newer
+        dict, leaving the current state unchanged.
+        """
+        if not isinstance(state_dict, dict) or state_dict.get("format") != FORMAT_NAME:
+            found = state_dict.get("format") if isinstance(state_dict, dict) else type(state_dict)
+            raise StateDictError(
+                f"not an EWC state dict: expected `format` = {FORMAT_NAME!r}, found {found!r}"
+            )
+        version = state_dict.get("version")
+        if version != FORMAT_VERSION:
+            raise StateDictError(
+                f"EWC state dict has format version {version!r}; this ewc reads version "
+                f"{FORMAT_VERSION}"
+            )
+        config = state_dict.get("config")
+        if not isinstance(config, dict) or "mode" not in config:
+            raise StateDictError("EWC state dict is missing its `config`")
+        if config["mode"] != self.mode:
+            raise StateDictError(
+                f"EWC state dict was saved with mode={config['mode']!r} but this EWC has "
+                f"mode={self.mode!r}"
+            )
+        self._set_state(ConsolidatedState.from_state_dict(state_dict.get("state", {})))
+
+    def __repr__(self) -> str:
+        return (
+            f"EWC(ewc_lambda={self.ewc_lambda}, mode={self.mode!r}, "
+            f"decay_factor={self.decay_factor}, keep_importance_data={self.keep_importance_data}, "
+            f"fisher={self.fisher!r}, tasks={self.tasks})"
+        )
+
+
+# ---------------------------------------------------------------------- validation helpers
+def _check_lambda(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Expected argument `ewc_lambda` to be a float but got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"Expected argument `ewc_lambda` to be finite and >= 0 but got {value!r}")
+    return float(value)
+
+
+def _check_unit_interval(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Expected argument `{name}` to be a float but got {value!r}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"Expected argument `{name}` to be in [0, 1] but got {value!r}")
+    return float(value)
+
+
+def _check_positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Expected argument `{name}` to be an int but got {value!r}")
+    if value < 1:
+        raise ValueError(f"Expected argument `{name}` to be >= 1 but got {value!r}")
+    return value
+
+
+def _check_selector(params: Any) -> Any:
+    if params is None or callable(params):
+        return params
+    if isinstance(params, str):
+        return (params,)
+    try:
+        names = tuple(params)
+    except TypeError:
+        raise TypeError(
+            "Expected argument `params` to be None, an iterable of parameter names or a callable "
+            f"(name, param) -> bool but got {params!r}"
+        ) from None
+    bad = [name for name in names if not isinstance(name, str)]
+    if bad:
+        raise TypeError(f"Expected argument `params` to hold parameter names but got {bad!r}")
+    return names
+
+
+def _check_param_fits(name: str, importance: Tensor, param: Tensor) -> None:
+    stored, current = importance.shape, param.shape
+    if len(stored) != len(current) or any(c < s for s, c in zip(stored, current)):
+        raise ParameterMismatchError(
+            f"parameter {name!r} was consolidated with shape {tuple(stored)} but the model's has "
+            f"shape {tuple(current)}; consolidated parameters may only grow"
+        )
+    if param.is_complex() != importance.is_complex() or not param.is_floating_point():
+        raise ParameterMismatchError(
+            f"parameter {name!r} was consolidated as {importance.dtype} but is now {param.dtype}"
+        )
+
+
+def _check_state_fits_model(state: ConsolidatedState, model: nn.Module) -> None:
+    named = dict(model.named_parameters())
+    for name, importance in state.importance.items():
+        if name not in named:
+            raise ParameterMismatchError(
+                f"parameter {name!r} was consolidated but the model has no parameter of that name"
+            )
+        _check_param_fits(name, importance, named[name])
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the Fisher pass; every module's own training flag is restored afterwards."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+@contextmanager
+def _progress_bar(enabled: bool) -> Iterator[Callable[[int], None] | None]:
+    if not enabled:
+        yield None
+        return
+    try:
+        from tqdm.auto import tqdm
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(
+            "consolidate(progress=True) needs tqdm: pip install tqdm (or ewc[progress])"
+        ) from error
+    bar = tqdm(desc="ewc consolidate", unit="ex", unit_scale=True)
+    try:
+        yield bar.update
+    finally:
+        bar.close()

@@ -1,0 +1,135 @@
+"""The EWC quadratic penalty and its closed-form gradient, as pure functions.
+
+All consolidated tasks collapse into one quadratic per parameter. With ``A = sum_t F_t`` (the
+summed Fisher), a centre ``m`` and one float64 constant ``r``::
+
+    P(theta) = ewc_lambda * (sum_i A_i (theta_i - m_i)^2 + r)
+    dP/dtheta = 2 * ewc_lambda * A * (theta - m)
+
+which equals the naive per-task sum ``ewc_lambda * sum_t sum_i F_t,i (theta_i - a_t,i)^2`` for any
+number of tasks, at O(P) memory and O(P) time per evaluation. Online EWC is the same quadratic with
+``A <- decay * A + F``, ``m <- a`` and ``r = 0``.
+
+Functions here take and return tensors; no state, no framework, no model traversal.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "add_penalty_grad_",
+    "merge_online",
+    "merge_separate",
+    "overlap",
+    "pad_to",
+    "penalty_value",
+]
+
+
+def pad_to(tensor: Tensor, shape: torch.Size | Sequence[int]) -> Tensor:
+    """Zero-pad ``tensor`` at the end of every dimension up to ``shape`` (a grown parameter).
+
+    Returns ``tensor`` itself when the shape already matches. Cost: one allocation of ``shape``.
+    """
+    shape = torch.Size(shape)
+    if tensor.shape == shape:
+        return tensor
+    padded = tensor.new_zeros(shape)
+    padded[overlap(tensor.shape)] = tensor
+    return padded
+
+
+def overlap(shape: torch.Size | Sequence[int]) -> tuple[slice, ...]:
+    """Index of the leading block of size ``shape``: ``param[overlap(A.shape)]`` is a view."""
+    return tuple(slice(0, size) for size in shape)
+
+
+def merge_separate(
+    importance: Tensor, centre: Tensor, fisher: Tensor, anchor: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Add one task ``(F, a)`` to the collapsed quadratic ``(A, m)`` of one parameter.
+
+    ``A' = A + F``; ``m' = (A m + F a) / A'`` (``m' = a`` where ``A' == 0``); and the increase of
+    the constant, in the stable form ``sum (A F / A') (m - a)^2``. Computed in float64, returned
+    in the dtype of ``importance``. ``importance``/``centre`` must already be padded to the shape
+    of ``fisher``. Cost: O(P) time, a few O(P) float64 temporaries.
+
+    Returns:
+        ``(A', m', delta_r)`` with ``delta_r`` a float64 scalar tensor.
+    """
+    a64, m64 = importance.double(), centre.double()
+    f64, anchor64 = fisher.double(), anchor.double()
+    merged = a64 + f64
+    positive = merged > 0
+    safe = torch.where(positive, merged, torch.ones_like(merged))
+    new_centre = torch.where(positive, (a64 * m64 + f64 * anchor64) / safe, anchor64)
+    delta_r = torch.where(positive, a64 * f64 / safe * (m64 - anchor64).square(), 0.0).sum()
+    return merged.to(importance.dtype), new_centre.to(centre.dtype), delta_r
+
+
+def merge_online(importance: Tensor, fisher: Tensor, decay_factor: float) -> Tensor:
+    """Online EWC importance update ``G' = decay_factor * G + F`` (``G`` padded to ``F``'s shape).
+
+    The anchor becomes the latest weights and the constant stays 0. Cost: O(P).
+    """
+    return decay_factor * importance + fisher
+
+
+def penalty_value(
+    params: Sequence[Tensor],
+    importances: Sequence[Tensor],
+    centres: Sequence[Tensor],
+    offset: Tensor,
+    ewc_lambda: float,
+) -> Tensor:
+    """Differentiable ``ewc_lambda * (sum A (theta - m)^2 + r)`` over aligned parameter lists.
+
+    Each ``params[k]`` may be larger than ``importances[k]`` (grown after consolidation); only the
+    leading block is penalised. The result has the promoted dtype of parameters and state, so a
+    bfloat16 model is penalised in float32. Cost: O(P) time, autograd keeps O(P) temporaries.
+    """
+    if not params:
+        return ewc_lambda * offset
+    terms = [
+        (importance * (param[overlap(importance.shape)] - centre).square()).sum()
+        for param, importance, centre in zip(params, importances, centres)
+    ]
+    value = functools.reduce(torch.add, terms)
+    return ewc_lambda * (value + offset.to(device=value.device, dtype=value.dtype))
+
+
+def add_penalty_grad_(
+    grads: Sequence[Tensor],
+    params: Sequence[Tensor],
+    importances: Sequence[Tensor],
+    centres: Sequence[Tensor],
+    workspace: Sequence[Tensor],
+    ewc_lambda: float,
+) -> None:
+    """In place, ``grad += 2 * ewc_lambda * A * (theta - m)`` for aligned lists, no autograd.
+
+    ``grads[k]``/``params[k]`` are the leading blocks matching ``importances[k]``; ``workspace``
+    holds preallocated buffers of the same shapes and dtypes as ``importances`` so that nothing
+    parameter-sized is allocated per call. Runs four fused multi-tensor kernels
+    (``torch._foreach_*``): copy theta, subtract m, multiply by A, add to the gradient. Gradients
+    whose dtype differs from the state's (a bfloat16 model) are updated per tensor. Cost: O(P).
+    """
+    if not grads:
+        return
+    torch._foreach_copy_(list(workspace), list(params))
+    torch._foreach_sub_(list(workspace), list(centres))
+    torch._foreach_mul_(list(workspace), list(importances))
+    same_dtype = [k for k, (g, w) in enumerate(zip(grads, workspace)) if g.dtype == w.dtype]
+    if len(same_dtype) == len(grads):
+        torch._foreach_add_(list(grads), list(workspace), alpha=2.0 * ewc_lambda)
+        return
+    for k, (grad, work) in enumerate(zip(grads, workspace)):
+        if k in same_dtype:
+            grad.add_(work, alpha=2.0 * ewc_lambda)
+        else:
+            grad.add_(work.to(grad.dtype), alpha=2.0 * ewc_lambda)

@@ -263,12 +263,17 @@ def _signal_maker(
     return make
 
 
+def _widened(tensor: Tensor) -> Tensor:
+    """At least float32, so bfloat16 models get accurate probabilities and float64 keep theirs."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def categorical_exact_signals(logits: Tensor) -> Tensor:
     """Signals ``sqrt(p_c) (p - e_c)`` for every (position, class): ``(K, n, ..., C)``.
 
     Their squared per-example gradients sum to ``sum_c p_c (grad log p_c)^2`` per position.
     """
-    probs = torch.softmax(logits.float(), dim=-1)
+    probs = torch.softmax(_widened(logits), dim=-1)
     classes = probs.shape[-1]
     positions = math.prod(probs.shape[1:-1])
     _warn_signal_count(positions * classes)
@@ -287,7 +292,7 @@ def categorical_exact_signals(logits: Tensor) -> Tensor:
 
 def categorical_sample_signals(logits: Tensor, mc_samples: int) -> Tensor:
     """Signals ``(p - e_y) / sqrt(m)`` with ``y ~ Categorical(p)`` drawn per example and position."""
-    probs = torch.softmax(logits.float(), dim=-1)
+    probs = torch.softmax(_widened(logits), dim=-1)
     flat = probs.reshape(-1, probs.shape[-1])
     draws = torch.multinomial(flat, mc_samples, replacement=True)  # (n*S, m)
     onehot = F.one_hot(draws.T, probs.shape[-1]).to(probs.dtype)  # (m, n*S, C)
@@ -306,7 +311,9 @@ def gaussian_exact_signals(output: Tensor) -> Tensor:
 
 def gaussian_sample_signals(output: Tensor, mc_samples: int) -> Tensor:
     """Signals ``eps / sqrt(m)`` with ``eps ~ N(0, I)``: ``y - f`` for ``y ~ N(f, I)``."""
-    noise = torch.randn((mc_samples, *output.shape), dtype=torch.float32, device=output.device)
+    noise = torch.randn(
+        (mc_samples, *output.shape), dtype=_widened(output).dtype, device=output.device
+    )
     return (noise / math.sqrt(mc_samples)).to(output.dtype)
 
 

@@ -1,0 +1,225 @@
+"""The collapsed quadratic against the naive per-task sum, and the closed-form gradient."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from ewc import EWC
+from ewc.penalty import add_penalty_grad_, merge_separate, pad_to
+from ewc.store import ConsolidatedState
+
+
+def naive_separate(params: dict[str, torch.Tensor], tasks: list[tuple[dict, dict]], lam: float):
+    """Avalanche's definition: ``lam * sum_t sum_i F_t,i (theta_i - a_t,i)^2``, in float64."""
+    total = torch.zeros((), dtype=torch.float64)
+    for fisher, anchor in tasks:
+        for name, theta in params.items():
+            f = pad_to(fisher[name].double(), theta.shape)
+            a = pad_to(anchor[name].double(), theta.shape)
+            total = total + (f * (theta.double() - a).square()).sum()
+    return lam * total
+
+
+def random_task(shapes: dict[str, tuple[int, ...]], generator: torch.Generator, log_lo: float,
+                log_hi: float, dtype: torch.dtype = torch.float64) -> tuple[dict, dict]:
+    fisher, anchor = {}, {}
+    for name, shape in shapes.items():
+        exponent = torch.empty(shape, dtype=torch.float64).uniform_(log_lo, log_hi, generator=generator)
+        fisher[name] = (10.0**exponent).to(dtype)
+        anchor[name] = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+    return fisher, anchor
+
+
+def collapse(tasks, mode="separate", decay=None, dtype=torch.float64) -> ConsolidatedState:
+    state = ConsolidatedState()
+    for fisher, anchor in tasks:
+        state = state.with_task(
+            {n: f.to(dtype) for n, f in fisher.items()},
+            {n: a.to(dtype) for n, a in anchor.items()},
+            mode=mode,
+            decay_factor=decay,
+            keep_history=False,
+        )
+    return state
+
+
+def collapsed_value(state: ConsolidatedState, params: dict[str, torch.Tensor], lam: float):
+    reg = EWC(lam)
+    reg._set_state(state)
+    module = nn.Module()
+    for name, value in params.items():
+        module.register_parameter(name, nn.Parameter(value.clone()))
+    return reg.penalty(module)
+
+
+def test_sixty_tasks_spanning_ten_decades_equal_the_naive_sum():
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"w": (7, 5), "b": (5,)}
+    tasks = [random_task(shapes, generator, -6.0, 4.0) for _ in range(60)]
+    params = {n: torch.randn(s, generator=generator, dtype=torch.float64) for n, s in shapes.items()}
+    state = collapse(tasks)
+    expected = naive_separate(params, tasks, lam=3.0)
+    got = collapsed_value(state, params, lam=3.0)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0.0)
+
+
+def test_sixty_tasks_in_float32_storage_stay_within_float32_rounding():
+    generator = torch.Generator().manual_seed(1)
+    shapes = {"w": (6, 4)}
+    tasks = [random_task(shapes, generator, -6.0, 4.0) for _ in range(60)]
+    params = {"w": torch.randn(6, 4, generator=generator, dtype=torch.float64)}
+    state = collapse(tasks, dtype=torch.float32)
+    assert state.importance["w"].dtype == torch.float32
+    assert state.offset.dtype == torch.float64
+    expected = naive_separate(params, tasks, lam=1.0)
+    got = collapsed_value(state, {"w": params["w"].float()}, lam=1.0)
+    # float32 parameters and state: a few ulps of float32 on the total
+    torch.testing.assert_close(got.double(), expected, rtol=2e-6, atol=0.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    task_count=st.integers(1, 60),
+    rows=st.integers(1, 6),
+    cols=st.integers(1, 6),
+    log_lo=st.floats(-6, 0),
+    span=st.floats(0, 10),
+    lam=st.floats(0, 1e3),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_collapsed_penalty_equals_naive_sum(task_count, rows, cols, log_lo, span, lam, seed):
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {"w": (rows, cols), "b": (cols,)}
+    tasks = [random_task(shapes, generator, log_lo, log_lo + span) for _ in range(task_count)]
+    params = {n: torch.randn(s, generator=generator, dtype=torch.float64) for n, s in shapes.items()}
+    expected = naive_separate(params, tasks, lam)
+    got = collapsed_value(collapse(tasks), params, lam)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-300)
+
+
+def test_collapsed_penalty_equals_naive_sum_at_the_anchors():
+    """At each anchor the per-task sum is a sum over the *other* tasks: r must carry it."""
+    generator = torch.Generator().manual_seed(2)
+    shapes = {"w": (3, 3)}
+    tasks = [random_task(shapes, generator, -3, 3) for _ in range(5)]
+    state = collapse(tasks)
+    for _, anchor in tasks:
+        expected = naive_separate(anchor, tasks, 1.0)
+        torch.testing.assert_close(collapsed_value(state, anchor, 1.0), expected, rtol=1e-12, atol=0)
+
+
+def test_zero_fisher_entries_take_the_anchor_and_add_nothing():
+    importance = torch.tensor([0.0, 2.0])
+    centre = torch.tensor([5.0, 1.0])
+    fisher = torch.tensor([0.0, 0.0])
+    anchor = torch.tensor([3.0, 4.0])
+    merged, new_centre, delta = merge_separate(importance, centre, fisher, anchor)
+    assert merged.tolist() == [0.0, 2.0]
+    assert new_centre.tolist() == [3.0, 1.0]
+    assert float(delta) == 0.0
+
+
+@pytest.mark.parametrize("mode, decay", [("separate", None), ("online", 0.7)])
+def test_penalty_grad_equals_autograd_of_penalty(mode, decay):
+    generator = torch.Generator().manual_seed(3)
+    shapes = {"0.weight": (4, 3), "0.bias": (4,)}
+    tasks = [random_task(shapes, generator, -2, 2, dtype=torch.float64) for _ in range(4)]
+    model = nn.Sequential(nn.Linear(3, 4)).double()
+    reg = EWC(2.5, mode=mode, decay_factor=decay)
+    reg._set_state(collapse(tasks, mode, decay))
+    expected = torch.autograd.grad(reg.penalty(model), list(model.parameters()))
+    existing = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in model.parameters()]
+    for p, g in zip(model.parameters(), existing):
+        p.grad = g.clone()
+    reg.penalty_grad_(model)
+    for p, g, e in zip(model.parameters(), existing, expected):
+        torch.testing.assert_close(p.grad, g + e, rtol=1e-12, atol=1e-12)
+
+
+def test_penalty_grad_creates_missing_grads_and_reuses_its_buffers():
+    model = nn.Linear(3, 2)
+    reg = EWC(1.0)
+    reg.consolidate(model, [(torch.randn(4, 3), torch.randint(0, 2, (4,)))], nn.CrossEntropyLoss())
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    reg.penalty_grad_(model)
+    assert model.weight.grad is not None and model.bias.grad is not None
+    buffers = {name: buf.data_ptr() for name, buf in reg._workspace.items()}
+    first = model.weight.grad.clone()
+    model.zero_grad(set_to_none=False)
+    reg.penalty_grad_(model)
+    assert {name: buf.data_ptr() for name, buf in reg._workspace.items()} == buffers
+    torch.testing.assert_close(model.weight.grad, first)
+
+
+def test_online_mode_follows_avalanche_recursion():
+    """G <- decay * G + F (zero-padded when grown); the anchor is the latest weights."""
+    generator = torch.Generator().manual_seed(4)
+    decay = 0.6
+    sizes = [3, 3, 5, 5]  # the head grows after task 2
+    tasks = [random_task({"w": (s, 2)}, generator, -2, 2) for s in sizes]
+    state = collapse(tasks, mode="online", decay=decay)
+    expected_g = tasks[0][0]["w"]
+    for fisher, _ in tasks[1:]:
+        expected_g = decay * pad_to(expected_g, fisher["w"].shape) + fisher["w"]
+    torch.testing.assert_close(state.importance["w"], expected_g, rtol=1e-14, atol=0)
+    torch.testing.assert_close(state.centre["w"], tasks[-1][1]["w"], rtol=0, atol=0)
+    assert float(state.offset) == 0.0
+    theta = torch.randn(5, 2, dtype=torch.float64, generator=generator)
+    expected = 1.5 * (expected_g * (theta - tasks[-1][1]["w"]).square()).sum()
+    reg = EWC(1.5, mode="online", decay_factor=decay)
+    reg._set_state(state)
+    torch.testing.assert_close(collapsed_value(state, {"w": theta}, 1.5), expected)
+
+
+def test_grown_parameter_is_penalised_only_on_its_consolidated_block():
+    generator = torch.Generator().manual_seed(5)
+    tasks = [random_task({"w": (3, 2)}, generator, -1, 1)]
+    state = collapse(tasks)
+    theta = torch.randn(5, 2, dtype=torch.float64, generator=generator)
+    expected = naive_separate({"w": theta}, tasks, 1.0)
+    torch.testing.assert_close(collapsed_value(state, {"w": theta}, 1.0), expected)
+    # and the gradient of the new rows is exactly zero
+    reg = EWC(1.0)
+    reg._set_state(state)
+    module = nn.Module()
+    module.w = nn.Parameter(theta.clone())
+    reg.penalty_grad_(module)
+    assert torch.count_nonzero(module.w.grad[3:]) == 0
+    grad = torch.autograd.grad(reg.penalty(module), module.w)[0]
+    torch.testing.assert_close(module.w.grad, grad)
+
+
+def test_penalty_is_zero_before_any_consolidation_and_differentiable_after():
+    model = nn.Linear(3, 2)
+    reg = EWC(10.0)
+    value = reg.penalty(model)
+    assert value.shape == () and float(value) == 0.0
+    reg.penalty_grad_(model)
+    assert model.weight.grad is None
+    reg.consolidate(model, [(torch.randn(6, 3), torch.randint(0, 2, (6,)))], nn.CrossEntropyLoss())
+    assert float(reg.penalty(model)) == 0.0
+    with torch.no_grad():
+        model.weight.add_(0.5)
+    value = reg.penalty(model)
+    assert value.requires_grad and float(value) > 0.0
+
+
+def test_foreach_grad_with_mixed_dtypes_matches_per_tensor():
+    grads = [torch.zeros(3, dtype=torch.bfloat16), torch.zeros(2)]
+    params = [torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16), torch.tensor([1.0, -1.0])]
+    importances = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 5.0])]
+    centres = [torch.zeros(3), torch.ones(2)]
+    workspace = [torch.empty(3), torch.empty(2)]
+    add_penalty_grad_(grads, params, importances, centres, workspace, 0.5)
+    assert grads[0].dtype == torch.bfloat16
+    assert grads[0].float().tolist() == [1.0, 4.0, 9.0]
+    assert grads[1].tolist() == [0.0, -10.0]
+    assert not math.isnan(float(grads[1].sum()))

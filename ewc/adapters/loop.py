@@ -1,0 +1,135 @@
+"""Attach the EWC penalty to a hand-written training loop without touching the loss.
+
+:func:`attach` registers an optimizer *step pre-hook* that calls
+:meth:`ewc.EWC.penalty_grad_` right before every ``optimizer.step()``. The penalty gradient is
+therefore added exactly once per optimizer step, whatever the loop does before it:
+
+* **gradient accumulation** over ``k`` micro-batches adds it once, not ``k`` times;
+* **``torch.autocast``** does not see it: the closed-form gradient is computed in the state's
+  dtype (float32 or wider) outside the autocast region;
+* **``GradScaler``**: ``scaler.step(optimizer)`` unscales the gradients and checks them for
+  inf/NaN *before* it calls ``optimizer.step()``, so the hook adds the penalty gradient to the
+  unscaled gradients, and a skipped step (overflow) adds nothing;
+* **gradient clipping** done by the loop before ``optimizer.step()`` sees only the task
+  gradient; the penalty gradient is added after clipping.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from ewc import EWC
+    >>> from ewc.adapters.loop import attach
+    >>> model = nn.Linear(4, 3)
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> reg = EWC(ewc_lambda=10.0)
+    >>> data = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    >>> _ = reg.consolidate(model, data, nn.CrossEntropyLoss())
+    >>> handle = attach(reg, model, optimizer)
+    >>> for x, y in data:
+    ...     optimizer.zero_grad()
+    ...     nn.functional.cross_entropy(model(x), y).backward()
+    ...     optimizer.step()  # adds d penalty / d theta to .grad first
+    >>> handle.remove()
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from ewc.core import EWC
+
+__all__ = ["PenaltyHookHandle", "attach"]
+
+_ATTACHED: weakref.WeakKeyDictionary[Optimizer, PenaltyHookHandle] = weakref.WeakKeyDictionary()
+
+
+class PenaltyHookHandle:
+    """Removable handle of an attached penalty hook; also a context manager.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from ewc import EWC
+        >>> from ewc.adapters.loop import attach
+        >>> model = nn.Linear(2, 2)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with attach(EWC(ewc_lambda=1.0), model, optimizer):
+        ...     pass  # the penalty is applied on every optimizer.step() in here
+    """
+
+    def __init__(self, optimizer: Optimizer, inner: RemovableHandle) -> None:
+        self._optimizer = weakref.ref(optimizer)
+        self._inner = inner
+        self.removed = False
+
+    def remove(self) -> None:
+        """Detach the hook; calling it again does nothing."""
+        if self.removed:
+            return
+        self._inner.remove()
+        self.removed = True
+        optimizer = self._optimizer()
+        if optimizer is not None and _ATTACHED.get(optimizer) is self:
+            del _ATTACHED[optimizer]
+
+    def __enter__(self) -> PenaltyHookHandle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"PenaltyHookHandle(removed={self.removed})"
+
+
+def attach(reg: EWC, model: nn.Module, optimizer: Optimizer) -> PenaltyHookHandle:
+    """Apply ``reg``'s penalty gradient to ``model`` before every ``optimizer.step()``.
+
+    Args:
+        reg: the :class:`~ewc.EWC` regulariser; consolidate it as usual at the end of each task
+            (the hook reads its state at every step, so later consolidations take effect).
+        model: the model whose parameters ``reg`` regularises.
+        optimizer: the optimizer stepping those parameters.
+
+    Returns:
+        a :class:`PenaltyHookHandle`; ``handle.remove()`` detaches the hook.
+
+    Raises:
+        TypeError: an argument is of the wrong type.
+        RuntimeError: a penalty hook is already attached to ``optimizer``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from ewc import EWC
+        >>> from ewc.adapters.loop import attach
+        >>> model = nn.Linear(4, 2)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> handle = attach(EWC(ewc_lambda=5.0), model, optimizer)
+        >>> handle.remove()
+    """
+    if not isinstance(reg, EWC):
+        raise TypeError(f"Expected argument `reg` to be an ewc.EWC but got {reg!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Expected argument `model` to be a torch.nn.Module but got {model!r}")
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            f"Expected argument `optimizer` to be a torch.optim.Optimizer but got {optimizer!r}"
+        )
+    existing = _ATTACHED.get(optimizer)
+    if existing is not None and not existing.removed:
+        raise RuntimeError(
+            f"an EWC penalty hook is already attached to optimizer {optimizer!r}; remove its "
+            "handle first (attaching twice would apply the penalty twice per step)"
+        )
+
+    def step_pre_hook(_: Optimizer, args: Any, kwargs: Any) -> None:
+        reg.penalty_grad_(model)
+
+    handle = PenaltyHookHandle(optimizer, optimizer.register_step_pre_hook(step_pre_hook))
+    _ATTACHED[optimizer] = handle
+    return handle

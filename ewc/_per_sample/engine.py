@@ -2,11 +2,20 @@
 
 Paths, fastest first:
 
-* ``vmap``: ``torch.func.vmap`` over examples of a ``vjp`` through ``functional_call``, in chunks
-  whose per-example gradients fit ``memory_budget_bytes``. Works for any module written with
-  functional tensor ops.
-* ``loop``: a Python loop over examples with ``torch.autograd.grad``, when ``vmap`` fails
-  (in-place ops on captured tensors, data-dependent control flow, custom autograd functions).
+* ``rule:<Layer>``: one forward with hooks on the modules that have a layer rule (see
+  :mod:`ewc._per_sample.rules`), then the ``K`` backward signals are propagated to those modules'
+  *outputs only* (``torch.autograd.grad`` w.r.t. the captured outputs, batched over signals with
+  ``is_grads_batched``), never through the weight-gradient kernels; each rule turns (inputs,
+  output gradients) into the sum of squared per-example gradients in closed form where one exists.
+* ``vmap``: for the parameters no rule covers, ``torch.func.vmap`` over examples of a ``vjp``
+  through ``functional_call``, restricted to those parameters, in budget-sized chunks.
+* ``loop``: a per-example ``torch.autograd.grad`` loop when ``vmap`` fails.
+
+Memory: the rule path keeps what an ordinary forward/backward keeps (the activations) plus one
+copy of each covered module's output, the output gradients of a chunk of signals (chunk sized so
+that ``signals_in_chunk * sum(covered output bytes) <= memory_budget_bytes``), and O(P) sums;
+rules that materialise per-example gradients (sequence Linear, Conv) do so in chunks within the
+same budget. The fallback paths size their example chunks to the budget too.
 """
 
 from __future__ import annotations
@@ -18,21 +27,28 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vjp, vmap
-from torch.utils import _pytree as pytree
 
-from ewc._per_sample.batching import slice_examples, vmap_in_dims
+from ewc._per_sample.capture import Capture, CoveredCall, plan_candidates, release
+from ewc._per_sample.fallback import RunModel, loop_sums, vmap_sums
+from ewc._per_sample.rules.registry import chunk_size
 from ewc._typing import TensorDict
 
-__all__ = ["DEFAULT_MEMORY_BUDGET_BYTES", "SquaredGradSums", "squared_grad_sums"]
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET_BYTES",
+    "MakeSignals",
+    "RunModel",
+    "SquaredGradSums",
+    "squared_grad_sums",
+]
 
 logger = logging.getLogger("ewc")
 
 DEFAULT_MEMORY_BUDGET_BYTES = 256 * 2**20
-"""Budget for materialised per-example gradients on the fallback paths (chunks are sized to it)."""
+"""Budget (bytes) for the tensors the engine materialises beyond an ordinary forward/backward:
+per-example gradients on the fallback paths and in the chunked rules, and the batch of output
+gradients of the signals on the rule path. Chunks are sized to it; one example (one signal) is
+always processed even if it alone exceeds the budget."""
 
-RunModel = Callable[[nn.Module, Any], tuple[Tensor, Any]]
-"""``forward(model, batch) -> (output, target)``, examples along dim 0 of the output."""
 MakeSignals = Callable[[Tensor, Any], Tensor]
 """``make_signals(output, target) -> (K, *output.shape)`` backward signals."""
 
@@ -45,30 +61,14 @@ class SquaredGradSums:
         sums: per parameter, ``sum_k sum_n g_{k,n}^2`` in float32 (float64 for float64 params).
         examples: ``n``, the number of examples in the batch.
         signals: ``k``, the number of backward signals per example.
-        paths: per parameter name, the path that computed it (``"vmap"``, ``"loop"``, a rule).
+        paths: per parameter name, the path that computed it (``"rule:Linear"``, ``"vmap"``,
+            ``"loop"``).
     """
 
     sums: TensorDict
     examples: int
     signals: int
     paths: dict[str, str] = field(default_factory=dict)
-
-
-class _Runner(nn.Module):
-    """Wraps ``run_model(model, batch)`` as a module so ``functional_call`` can drive it."""
-
-    def __init__(self, model: nn.Module, run_model: RunModel) -> None:
-        super().__init__()
-        self.model = model
-        self.run_model = run_model
-
-    def forward(self, batch: Any) -> Tensor:
-        output, _ = self.run_model(self.model, batch)
-        return output
-
-
-def _accumulator_dtype(param: Tensor) -> torch.dtype:
-    return torch.promote_types(param.dtype, torch.float32)
 
 
 def squared_grad_sums(
@@ -84,86 +84,157 @@ def squared_grad_sums(
 
     ``run_model(model, batch)`` returns ``(output, target)`` with examples along dim 0 of the
     output; ``make_signals(output, target)`` maps the (detached) output of shape ``(n, ...)`` to
-    ``K`` backward signals of shape ``(K, n, ...)``. The per-example gradient for signal ``k`` and example ``n`` is
-    ``d <signals[k, n], output[n]> / d theta``. Examples must not interact (eval mode).
+    ``K`` backward signals of shape ``(K, n, ...)``. The per-example gradient for signal ``k`` and
+    example ``n`` is ``g_kn = d <signals[k, n], output[n]> / d theta`` and the result is
+    ``sum_k sum_n g_kn^2``. Examples must not interact (eval mode); a covered module's input and
+    output must carry the examples along dim 0 (a module whose dim 0 is not the batch size is
+    sent to the fallback, but a transposed layout whose leading size happens to equal the batch
+    size cannot be told apart).
 
-    Cost: one forward to build the signals, then on the ``vmap`` path ``K`` vector-Jacobian
-    products per example, batched; memory O(chunk * K * P) with the chunk sized to the budget.
+    Cost: one forward; the ``K`` signals backpropagated to the covered modules' outputs (about
+    ``K`` input-gradient passes, no weight-gradient kernels); per covered module the rule (for
+    ``nn.Linear`` on 2-D input one ``(o, n) @ (n, i)`` matmul whatever ``K``); for uncovered
+    parameters the ``vmap`` fallback (``K`` VJPs per example) or the per-example loop.
+
+    Args:
+        model: the model, in the mode it should be evaluated in (eval for the Fisher).
+        params: the parameters, by their name in ``model.named_parameters()``.
+        batch: the batch, any pytree whose tensors carry examples along dim 0.
+        run_model: ``run_model(model, batch) -> (output, target)``.
+        make_signals: ``make_signals(output, target) -> (K, *output.shape)``.
+        memory_budget_bytes: bound on the extra tensors materialised (see
+            :data:`DEFAULT_MEMORY_BUDGET_BYTES`).
+
+    Returns:
+        A :class:`SquaredGradSums` with the sums and the path per parameter.
+
+    Raises:
+        ValueError: ``memory_budget_bytes`` is not a positive integer.
     """
-    with torch.no_grad():
-        output, target = run_model(model, batch)
+    if (
+        isinstance(memory_budget_bytes, bool)
+        or not isinstance(memory_budget_bytes, int)
+        or memory_budget_bytes <= 0
+    ):
+        raise ValueError(
+            "Expected argument `memory_budget_bytes` to be a positive integer but got "
+            f"{memory_budget_bytes!r}"
+        )
+    names = list(params)
+    candidates = plan_candidates(model, params)
+    capture = Capture(candidates)
+    if candidates:
+        with capture, torch.enable_grad():
+            output, target = run_model(model, batch)
+    else:
+        with torch.no_grad():
+            output, target = run_model(model, batch)
     examples = int(output.shape[0])
     signals = make_signals(output.detach(), target)
-    names = list(params)
+    count = int(signals.shape[0])
+
+    sums: TensorDict = {}
+    paths: dict[str, str] = {}
     try:
-        sums = _vmap_sums(model, params, batch, run_model, signals, memory_budget_bytes)
-        path = "vmap"
-    except Exception as error:  # vmap cannot run this model: fall back to the example loop
-        logger.debug("ewc: vmap path failed (%s); using the per-example loop", error)
-        sums = _loop_sums(model, params, batch, run_model, signals)
-        path = "loop"
-    return SquaredGradSums(sums, examples, int(signals.shape[0]), dict.fromkeys(names, path))
+        covered, rejected = capture.covered(examples) if candidates else ([], {})
+        for module, reason in rejected.items():
+            logger.debug("ewc: no per-example rule for %s: %s", module, reason)
+        if covered:
+            sums.update(_rule_sums(output, covered, signals, memory_budget_bytes))
+            for call in covered:
+                paths.update(dict.fromkeys(call.candidate.names.values(), call.candidate.rule.path))
+    finally:
+        release(candidates)
+        del output
+    remaining = {name: params[name] for name in names if name not in sums}
+    if remaining:
+        fallback, path = _fallback_sums(
+            model, remaining, batch, run_model, signals, memory_budget_bytes
+        )
+        sums.update(fallback)
+        paths.update(dict.fromkeys(remaining, path))
+    if logger.isEnabledFor(logging.DEBUG):
+        for name in names:
+            logger.debug("ewc: squared gradients of %s via %s", name, paths[name])
+    return SquaredGradSums({name: sums[name] for name in names}, examples, count, paths)
 
 
-def _vmap_sums(
+def _rule_sums(
+    output: Tensor, covered: list[CoveredCall], signals: Tensor, memory_budget_bytes: int
+) -> TensorDict:
+    """Backpropagate the signals to the covered outputs in budget-sized chunks; apply the rules."""
+    sums: TensorDict = {}
+    for call in covered:
+        for local, name in call.candidate.names.items():
+            param = getattr(call.candidate.module, local)
+            sums[name] = param.new_zeros(
+                param.shape, dtype=torch.promote_types(param.dtype, torch.float32)
+            )
+    if not output.requires_grad:
+        return sums  # nothing covered reaches the output: every gradient is zero
+    count = int(signals.shape[0])
+    outputs = [call.output for call in covered]
+    bytes_per_signal = sum(out.numel() * out.element_size() for out in outputs)
+    step = chunk_size(count, bytes_per_signal, memory_budget_bytes)
+    for start in range(0, count, step):
+        chunk = signals[start : start + step].to(output.dtype)
+        grads = _output_grads(output, outputs, chunk)
+        for call, grad in zip(covered, grads):
+            if grad is None:
+                continue
+            candidate = call.candidate
+            terms = candidate.rule.compute(
+                candidate.module, call.inputs, grad, candidate.names.keys(), memory_budget_bytes
+            )
+            for local, name in candidate.names.items():
+                sums[name].add_(terms[local])
+        del grads
+    return sums
+
+
+def _output_grads(
+    output: Tensor, targets: list[Tensor], signals: Tensor
+) -> tuple[Tensor | None, ...]:
+    """``d <signals[k], output> / d target`` for every target: ``(K, *target.shape)`` or None.
+
+    One batched backward over the ``K`` signals (``is_grads_batched``); a loop over signals when
+    an op on the way has no batching rule.
+    """
+    if signals.shape[0] > 1:
+        try:
+            return torch.autograd.grad(
+                output,
+                targets,
+                grad_outputs=signals,
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+        except RuntimeError as error:
+            logger.debug("ewc: batched backward over signals failed (%s); looping", error)
+    per_signal = [
+        torch.autograd.grad(
+            output, targets, grad_outputs=signal, retain_graph=True, allow_unused=True
+        )
+        for signal in signals
+    ]
+    return tuple(
+        None if grads[0] is None else torch.stack(grads)
+        for grads in zip(*per_signal)
+    )
+
+
+def _fallback_sums(
     model: nn.Module,
     params: Mapping[str, Tensor],
     batch: Any,
     run_model: RunModel,
     signals: Tensor,
     memory_budget_bytes: int,
-) -> TensorDict:
-    runner = _Runner(model, run_model)
-    names = list(params)
-    values = tuple(params[name].detach() for name in names)
-    examples, count = int(signals.shape[1]), int(signals.shape[0])
-    bytes_per_example = count * sum(v.numel() * v.element_size() for v in values) * 2
-    chunk = max(1, min(examples, memory_budget_bytes // max(1, bytes_per_example)))
-
-    def output_of(param_values: tuple[Tensor, ...], example: Any) -> Tensor:
-        one = pytree.tree_map(lambda x: x.unsqueeze(0) if isinstance(x, Tensor) else x, example)
-        bound = {f"model.{name}": value for name, value in zip(names, param_values)}
-        return functional_call(runner, bound, (one,), strict=False)
-
-    def squared_for_example(example: Any, example_signals: Tensor) -> tuple[Tensor, ...]:
-        _, pullback = vjp(lambda *vals: output_of(vals, example), *values)
-        grads = vmap(pullback)(example_signals.unsqueeze(1))
-        return tuple(g.to(_accumulator_dtype(g)).square().sum(0) for g in grads)
-
-    sums = [torch.zeros(v.shape, dtype=_accumulator_dtype(v), device=v.device) for v in values]
-    for start in range(0, examples, chunk):
-        stop = min(examples, start + chunk)
-        part = slice_examples(batch, start, stop, examples)
-        in_dims = (vmap_in_dims(part, stop - start), 1)
-        squared = vmap(squared_for_example, in_dims=in_dims)(part, signals[:, start:stop])
-        for total, term in zip(sums, squared):
-            total.add_(term.sum(0))
-    return dict(zip(names, sums))
-
-
-def _loop_sums(
-    model: nn.Module,
-    params: Mapping[str, Tensor],
-    batch: Any,
-    run_model: RunModel,
-    signals: Tensor,
-) -> TensorDict:
-    names = list(params)
-    values = [params[name] for name in names]
-    sums = [torch.zeros(v.shape, dtype=_accumulator_dtype(v), device=v.device) for v in values]
-    examples, count = int(signals.shape[1]), int(signals.shape[0])
-    for n in range(examples):
-        with torch.enable_grad():
-            output, _ = run_model(model, slice_examples(batch, n, n + 1, examples))
-            for k in range(count):
-                grads = torch.autograd.grad(
-                    output,
-                    values,
-                    grad_outputs=signals[k, n : n + 1].to(output.dtype),
-                    retain_graph=k < count - 1,
-                    allow_unused=True,
-                )
-                for total, grad in zip(sums, grads):
-                    if grad is not None:
-                        total.add_(grad.to(total.dtype).square())
-    return dict(zip(names, sums))
+) -> tuple[TensorDict, str]:
+    """``vmap`` over examples for ``params``; the per-example loop if ``vmap`` cannot run."""
+    try:
+        return vmap_sums(model, params, batch, run_model, signals, memory_budget_bytes), "vmap"
+    except Exception as error:  # vmap cannot run this model: fall back to the example loop
+        logger.debug("ewc: vmap path failed (%s); using the per-example loop", error)
+        return loop_sums(model, params, batch, run_model, signals), "loop"

@@ -1,0 +1,228 @@
+"""One forward pass that records, for every rule-covered module, its inputs and its output.
+
+Forward hooks capture each call's (detached) inputs and the module output as the node the backward
+signals are propagated to; the hook hands the rest of the model a *clone* of the output, so later
+in-place ops (``ReLU(inplace=True)``) cannot rewrite the captured node. A
+:class:`~torch.overrides.TorchFunctionMode` watches every tensor op during the forward: a covered
+parameter that enters an op while its owning module is not running (tied weights, a parent using
+``self.fc.weight`` directly) disqualifies its module from the rule path.
+
+A module's rule applies only when, in that forward, the module ran exactly once, with positional
+inputs whose dim 0 is the batch size (checked by the rule's ``supports``), its parameters were used
+nowhere else, and its inputs and output were not modified in place afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
+
+from ewc._per_sample.rules.registry import LayerRule, rule_for
+
+__all__ = ["Candidate", "Capture", "CoveredCall", "plan_candidates", "release"]
+
+
+@dataclass
+class Candidate:
+    """A module with a registered rule that owns some of the requested parameters.
+
+    Attributes:
+        module: the module.
+        rule: its rule.
+        names: local parameter name (``"weight"``) -> name in ``params`` (``"fc.weight"``).
+    """
+
+    module: nn.Module
+    rule: LayerRule
+    names: dict[str, str]
+    calls: int = 0
+    inputs: tuple[Any, ...] = ()
+    versions: tuple[int, ...] = ()
+    output: Tensor | None = None
+    output_version: int = 0
+    has_kwargs: bool = False
+
+
+@dataclass
+class CoveredCall:
+    """A candidate whose single call qualifies for its rule: inputs and the output node."""
+
+    candidate: Candidate
+    inputs: tuple[Tensor, ...]
+    output: Tensor
+
+
+def plan_candidates(model: nn.Module, params: Mapping[str, Tensor]) -> list[Candidate]:
+    """Modules with a rule that own requested parameters held by no other module.
+
+    Cost: one walk over ``model.named_parameters(remove_duplicate=False)``.
+    """
+    wanted = {id(tensor): name for name, tensor in params.items()}
+    slots: dict[int, int] = {}
+    for _, tensor in model.named_parameters(remove_duplicate=False):
+        slots[id(tensor)] = slots.get(id(tensor), 0) + 1
+    candidates = []
+    for module in model.modules():
+        rule = rule_for(module)
+        if rule is None:
+            continue
+        names = {
+            local: wanted[id(tensor)]
+            for local, tensor in module.named_parameters(recurse=False)
+            if id(tensor) in wanted and slots.get(id(tensor)) == 1
+        }
+        if names:
+            candidates.append(Candidate(module, rule, names))
+    return candidates
+
+
+class _ParameterUseWatcher(TorchFunctionMode):
+    """Flags covered parameters that enter a tensor op while their owner module is not running."""
+
+    def __init__(self, owners: dict[int, int]) -> None:
+        super().__init__()
+        self.owners = owners  # id(parameter) -> id(owning module)
+        self.running: set[int] = set()
+        self.misused: set[int] = set()  # ids of owning modules
+
+    def _check(self, value: Any) -> None:
+        owner = self.owners.get(id(value))
+        if owner is not None and owner not in self.running:
+            self.misused.add(owner)
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, (list, tuple)):
+                for item in value:
+                    self._check(item)
+            else:
+                self._check(value)
+        return func(*args, **kwargs)
+
+
+class Capture:
+    """Context manager: hooks on the candidates and the parameter-use watcher for one forward.
+
+    Example:
+        >>> capture = Capture(plan_candidates(model, params))  # doctest: +SKIP
+        >>> with capture, torch.enable_grad():
+        ...     output, target = run_model(model, batch)
+        >>> covered, rejected = capture.covered(batch_size=output.shape[0])
+    """
+
+    def __init__(self, candidates: list[Candidate]) -> None:
+        self.candidates = candidates
+        owners: dict[int, int] = {}
+        for candidate in candidates:
+            for local in candidate.names:
+                owners[id(getattr(candidate.module, local))] = id(candidate.module)
+        self._watcher = _ParameterUseWatcher(owners)
+        self._handles: list[RemovableHandle] = []
+
+    def __enter__(self) -> Capture:
+        for candidate in self.candidates:
+            self._handles.append(
+                candidate.module.register_forward_pre_hook(self._pre_hook(candidate))
+            )
+            self._handles.append(
+                candidate.module.register_forward_hook(self._hook(candidate), with_kwargs=True)
+            )
+        self._watcher.__enter__()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._watcher.__exit__(kind, error, traceback)
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _pre_hook(self, candidate: Candidate) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            self._watcher.running.add(id(module))
+
+        return hook
+
+    def _hook(self, candidate: Candidate) -> Any:
+        def hook(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        ) -> Any:
+            self._watcher.running.discard(id(module))
+            candidate.calls += 1
+            if candidate.calls > 1 or not isinstance(output, Tensor):
+                candidate.output = None
+                candidate.inputs = ()
+                return None
+            candidate.has_kwargs = bool(kwargs)
+            candidate.inputs = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+            candidate.versions = tuple(a._version for a in args if isinstance(a, Tensor))
+            if not output.requires_grad and torch.is_grad_enabled() and output.is_floating_point():
+                # frozen weights and an input without grad: a leaf gives the signals a target
+                output = output.detach().requires_grad_(True)
+            candidate.output = output
+            candidate.output_version = output._version
+            return output.clone()
+
+        return hook
+
+    def covered(self, batch_size: int) -> tuple[list[CoveredCall], dict[str, str]]:
+        """The calls whose rule applies, and per rejected module name a reason (for the log)."""
+        covered: list[CoveredCall] = []
+        rejected: dict[str, str] = {}
+        for candidate in self.candidates:
+            reason = self._rejection(candidate, batch_size)
+            if reason is None and candidate.output is not None:
+                covered.append(CoveredCall(candidate, candidate.inputs, candidate.output))
+            else:
+                rejected[f"{type(candidate.module).__name__}@{id(candidate.module):x}"] = (
+                    reason or "no output"
+                )
+        return covered, rejected
+
+    def _rejection(self, candidate: Candidate, batch_size: int) -> str | None:
+        if candidate.calls == 0:
+            return "not called"
+        if candidate.calls > 1:
+            return f"called {candidate.calls} times in one forward (weight sharing)"
+        if id(candidate.module) in self._watcher.misused:
+            return "a parameter is used outside the module's own call"
+        if candidate.has_kwargs:
+            return "called with keyword arguments"
+        output = candidate.output
+        if output is None or not output.requires_grad:
+            return "the output is not part of the autograd graph"
+        if output.dim() == 0 or output.shape[0] != batch_size:
+            return f"output dim 0 is not the batch size {batch_size}"
+        tensors = [a for a in candidate.inputs if isinstance(a, Tensor)]
+        if [a._version for a in tensors] != list(candidate.versions):
+            return "an input was modified in place after the call"
+        if output._version != candidate.output_version:
+            return "the output was modified in place"
+        if not candidate.rule.supports(candidate.module, candidate.inputs, batch_size):
+            return "the rule does not support this call (input layout or mode)"
+        return None
+
+
+def release(candidates: list[Candidate]) -> None:
+    """Drop captured tensors so the autograd graph can be freed."""
+    for candidate in candidates:
+        candidate.inputs = ()
+        candidate.output = None

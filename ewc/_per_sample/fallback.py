@@ -1,0 +1,123 @@
+"""Generic paths for parameters no layer rule covers.
+
+* ``vmap``: ``torch.func.vmap`` over examples of a ``vjp`` through ``functional_call``, in chunks
+  whose per-example gradients fit ``memory_budget_bytes``. Works for any module written with
+  functional tensor ops. Cost: one forward and ``K`` vector-Jacobian products per example,
+  batched; memory ``O(chunk * K * P_fallback)`` with ``chunk * K * P_fallback * 2 * itemsize``
+  kept under the budget.
+* ``loop``: a Python loop over examples with ``torch.autograd.grad``, when ``vmap`` fails
+  (in-place ops on captured tensors, data-dependent control flow, custom autograd functions).
+  Cost: ``n`` forwards and ``n K`` backwards; memory ``O(P_fallback)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+from torch.utils import _pytree as pytree
+
+from ewc._per_sample.batching import slice_examples, vmap_in_dims
+from ewc._per_sample.rules.registry import accumulator_dtype, chunk_size
+from ewc._typing import TensorDict
+
+__all__ = ["RunModel", "loop_sums", "vmap_sums"]
+
+RunModel = Callable[[nn.Module, Any], tuple[Tensor, Any]]
+"""``forward(model, batch) -> (output, target)``, examples along dim 0 of the output."""
+
+
+class _Runner(nn.Module):
+    """Wraps ``run_model(model, batch)`` as a module so ``functional_call`` can drive it."""
+
+    def __init__(self, model: nn.Module, run_model: RunModel) -> None:
+        super().__init__()
+        self.model = model
+        self.run_model = run_model
+
+    def forward(self, batch: Any) -> Tensor:
+        output, _ = self.run_model(self.model, batch)
+        return output
+
+
+def vmap_sums(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: Any,
+    run_model: RunModel,
+    signals: Tensor,
+    memory_budget_bytes: int,
+) -> TensorDict:
+    """``sum_k sum_n g_kn^2`` for ``params`` with ``vmap`` over examples (other params fixed).
+
+    Args:
+        model: the model; parameters not in ``params`` are used as they are.
+        params: the parameters to differentiate, by their name in ``model``.
+        batch: the batch ``run_model`` reads.
+        run_model: ``run_model(model, batch) -> (output, target)``.
+        signals: ``(K, n, *output.shape[1:])`` backward signals.
+        memory_budget_bytes: bound on the per-example gradients of one chunk.
+
+    Raises:
+        Exception: whatever ``vmap`` raises when the model cannot be vectorised.
+    """
+    runner = _Runner(model, run_model)
+    names = list(params)
+    values = tuple(params[name].detach() for name in names)
+    examples, count = int(signals.shape[1]), int(signals.shape[0])
+    bytes_per_example = count * sum(v.numel() * v.element_size() for v in values) * 2
+    chunk = chunk_size(examples, bytes_per_example, memory_budget_bytes)
+
+    def output_of(param_values: tuple[Tensor, ...], example: Any) -> Tensor:
+        one = pytree.tree_map(lambda x: x.unsqueeze(0) if isinstance(x, Tensor) else x, example)
+        bound = {f"model.{name}": value for name, value in zip(names, param_values)}
+        return functional_call(runner, bound, (one,), strict=False)
+
+    def squared_for_example(example: Any, example_signals: Tensor) -> tuple[Tensor, ...]:
+        pullback = vjp(lambda *vals: output_of(vals, example), *values)[1]
+        grads = vmap(pullback)(example_signals.unsqueeze(1))
+        return tuple(g.to(accumulator_dtype(g.dtype)).square().sum(0) for g in grads)
+
+    sums = [v.new_zeros(v.shape, dtype=accumulator_dtype(v.dtype)) for v in values]
+    for start in range(0, examples, chunk):
+        stop = min(examples, start + chunk)
+        part = slice_examples(batch, start, stop, examples)
+        in_dims = (vmap_in_dims(part, stop - start), 1)
+        squared = vmap(squared_for_example, in_dims=in_dims)(part, signals[:, start:stop])
+        for total, term in zip(sums, squared):
+            total.add_(term.sum(0))
+    return dict(zip(names, sums))
+
+
+def loop_sums(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: Any,
+    run_model: RunModel,
+    signals: Tensor,
+) -> TensorDict:
+    """``sum_k sum_n g_kn^2`` for ``params`` with one forward and ``K`` backwards per example."""
+    names = list(params)
+    values = [params[name] for name in names]
+    sums = [v.new_zeros(v.shape, dtype=accumulator_dtype(v.dtype)) for v in values]
+    examples, count = int(signals.shape[1]), int(signals.shape[0])
+    for n in range(examples):
+        with torch.enable_grad():
+            output, _ = run_model(model, slice_examples(batch, n, n + 1, examples))
+            if not output.requires_grad:
+                continue
+            for k in range(count):
+                grads = torch.autograd.grad(
+                    output,
+                    values,
+                    grad_outputs=signals[k, n : n + 1].to(output.dtype),
+                    retain_graph=k < count - 1,
+                    allow_unused=True,
+                )
+                for total, grad in zip(sums, grads):
+                    if grad is not None:
+                        total.add_(grad.to(total.dtype).square())
+    return dict(zip(names, sums))

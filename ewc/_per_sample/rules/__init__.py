@@ -1,0 +1,11 @@
+"""Per-layer rules for the sum of squared per-example gradients, one file per layer family.
+
+Importing this package registers every rule in :data:`RULES`.
+"""
+
+from __future__ import annotations
+
+from ewc._per_sample.rules import linear
+from ewc._per_sample.rules.registry import RULES, LayerRule, register_rule, rule_for
+
+__all__ = ["RULES", "LayerRule", "linear", "register_rule", "rule_for"]

@@ -229,12 +229,13 @@ class EWC:
         return {name: named[name] for name in self.params if named[name].requires_grad}
 
     # ------------------------------------------------------------------ penalty
-    def _aligned(self, model: nn.Module) -> Iterator[tuple[str, nn.Parameter, Tensor, Tensor]]:
-        """Yield (name, param, A, m) for every consolidated parameter, checked and on its device."""
-        state = self._state
+    def _aligned(self, model: nn.Module) -> list[tuple[str, nn.Parameter, Tensor, Tensor]]:
+        """(name, param, A, m) for every consolidated parameter, checked, state on its device.
+
+        The first call after the model moved to another device moves the state once.
+        """
         named = dict(model.named_parameters())
-        moved = False
-        for name, importance in state.importance.items():
+        for name, importance in self._state.importance.items():
             param = named.get(name)
             if param is None:
                 raise ParameterMismatchError(
@@ -242,23 +243,22 @@ class EWC:
                     "name (renamed, removed, or a wrapper added a prefix?)"
                 )
             _check_param_fits(name, importance, param)
-            if importance.device != param.device:
-                moved = True
-            yield name, param, importance, state.centre[name]
-        if moved:
-            self._move_state_to(model)
-
-    def _move_state_to(self, model: nn.Module) -> None:
-        devices = {name: p.device for name, p in model.named_parameters()}
         state = self._state
-        self._state = ConsolidatedState(
-            {n: t.to(devices[n]) for n, t in state.importance.items()},
-            {n: t.to(devices[n]) for n, t in state.centre.items()},
-            state.offset,
-            state.tasks,
-            state.history,
-        )
-        self._workspace = {}
+        if any(state.importance[name].device != named[name].device for name in state.importance):
+            self._set_state(
+                ConsolidatedState(
+                    {n: t.to(named[n].device) for n, t in state.importance.items()},
+                    {n: t.to(named[n].device) for n, t in state.centre.items()},
+                    state.offset,
+                    state.tasks,
+                    state.history,
+                )
+            )
+        state = self._state
+        return [
+            (name, named[name], importance, state.centre[name])
+            for name, importance in state.importance.items()
+        ]
 
     def penalty(self, model: nn.Module) -> Tensor:
         """Differentiable ``ewc_lambda * (sum A (theta - m)^2 + r)``; 0 before any consolidation.
@@ -270,9 +270,7 @@ class EWC:
             first = next(iter(model.parameters()), None)
             device = first.device if first is not None else None
             return torch.zeros((), device=device)
-        aligned = list(self._aligned(model))
-        if any(importance.device != param.device for _, param, importance, _ in aligned):
-            aligned = list(self._aligned(model))
+        aligned = self._aligned(model)
         params = [param for _, param, _, _ in aligned]
         offset = self._state.offset.to(params[0].device) if params else self._state.offset
         return penalty_value(
@@ -293,7 +291,7 @@ class EWC:
         """
         if self._state.tasks == 0 or self.ewc_lambda == 0.0:
             return
-        aligned = list(self._aligned(model))
+        aligned = self._aligned(model)
         grads, params, importances, centres, workspace = [], [], [], [], []
         for name, param, importance, centre in aligned:
             if param.grad is None:

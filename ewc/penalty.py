@@ -114,22 +114,21 @@ def add_penalty_grad_(
     """In place, ``grad += 2 * ewc_lambda * A * (theta - m)`` for aligned lists, no autograd.
 
     ``grads[k]``/``params[k]`` are the leading blocks matching ``importances[k]``; ``workspace``
-    holds preallocated buffers of the same shapes and dtypes as ``importances`` so that nothing
-    parameter-sized is allocated per call. Runs four fused multi-tensor kernels
-    (``torch._foreach_*``): copy theta, subtract m, multiply by A, add to the gradient. Gradients
-    whose dtype differs from the state's (a bfloat16 model) are updated per tensor. Cost: O(P).
+    holds preallocated buffers of the same shapes and dtypes as ``importances`` so nothing
+    parameter-sized is allocated per call. Two passes: ``workspace = theta - m`` (``out=``, one
+    kernel per tensor), then one fused multi-tensor ``grad += 2 lambda A workspace``
+    (``torch._foreach_addcmul_``). Seven memory passes over P in all, and the difference is taken
+    before multiplying, so there is no cancellation when theta is close to m. Gradients whose
+    dtype differs from the state's (a bfloat16 model) are updated per tensor. Cost: O(P).
     """
     if not grads:
         return
-    torch._foreach_copy_(list(workspace), list(params))
-    torch._foreach_sub_(list(workspace), list(centres))
-    torch._foreach_mul_(list(workspace), list(importances))
-    same_dtype = [k for k, (g, w) in enumerate(zip(grads, workspace)) if g.dtype == w.dtype]
-    if len(same_dtype) == len(grads):
-        torch._foreach_add_(list(grads), list(workspace), alpha=2.0 * ewc_lambda)
+    for work, param, centre in zip(workspace, params, centres):
+        torch.sub(param, centre, out=work)
+    scale = 2.0 * ewc_lambda
+    if all(grad.dtype == work.dtype for grad, work in zip(grads, workspace)):
+        torch._foreach_addcmul_(list(grads), list(importances), list(workspace), value=scale)
         return
-    for k, (grad, work) in enumerate(zip(grads, workspace)):
-        if k in same_dtype:
-            grad.add_(work, alpha=2.0 * ewc_lambda)
-        else:
-            grad.add_(work.to(grad.dtype), alpha=2.0 * ewc_lambda)
+    for grad, importance, work in zip(grads, importances, workspace):
+        work.mul_(importance)
+        grad.add_(work.to(grad.dtype), alpha=scale)

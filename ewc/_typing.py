@@ -33,7 +33,7 @@ Criterion = Callable[..., Tensor]
 Mode = Literal["separate", "online"]
 FisherEstimator = Literal["exact", "sample", "empirical", "batched"]
 
-ParamSelector = Union[None, Iterable[str], Callable[[str, torch.nn.Parameter], bool]]
-"""Which parameters to regularise: all trainable ones, the named ones, or those a predicate keeps."""
+ParamSelector = Union[None, Iterable[str], Callable[[str, torch.nn.Parameter], bool]]  # noqa: UP007
+"""Which parameters to regularise: all trainable ones, named ones, or those a predicate keeps."""
 
 ReadOnlyTensorMap = Mapping[str, Tensor]

@@ -106,7 +106,8 @@ class EWC:
             )
         if fisher not in fisher_lib.ESTIMATORS:
             raise ValueError(
-                f"Expected argument `fisher` to be one of {fisher_lib.ESTIMATORS} but got {fisher!r}"
+                f"Expected argument `fisher` to be one of {fisher_lib.ESTIMATORS} "
+                f"but got {fisher!r}"
             )
         self.mode = mode
         self.decay_factor = decay_factor

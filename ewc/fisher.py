@@ -89,7 +89,7 @@ def default_forward(model: nn.Module, batch: Batch) -> tuple[Tensor, Any]:
 
 
 def likelihood_of(criterion: Criterion) -> str | None:
-    """``"categorical"``, ``"gaussian"`` or None for a criterion we cannot read a likelihood from."""
+    """``"categorical"``, ``"gaussian"``, or None when the criterion defines no likelihood."""
     if isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss)) or criterion in (
         F.cross_entropy,
         F.nll_loss,
@@ -291,7 +291,7 @@ def categorical_exact_signals(logits: Tensor) -> Tensor:
 
 
 def categorical_sample_signals(logits: Tensor, mc_samples: int) -> Tensor:
-    """Signals ``(p - e_y) / sqrt(m)`` with ``y ~ Categorical(p)`` drawn per example and position."""
+    """Signals ``(p - e_y) / sqrt(m)``, ``y ~ Categorical(p)`` drawn per example and position."""
     probs = torch.softmax(_widened(logits), dim=-1)
     flat = probs.reshape(-1, probs.shape[-1])
     draws = torch.multinomial(flat, mc_samples, replacement=True)  # (n*S, m)

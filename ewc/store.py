@@ -108,7 +108,7 @@ class ConsolidatedState:
         return ConsolidatedState(importance, centre, offset, self.tasks + 1, history)
 
     def to(self, device: torch.device | str) -> ConsolidatedState:
-        """A copy of the state with every tensor on ``device`` (a no-op copy where already there)."""
+        """A copy of the state with every tensor on ``device``."""
 
         def move(tensors: TensorDict) -> TensorDict:
             return {name: tensor.to(device) for name, tensor in tensors.items()}

@@ -358,3 +358,20 @@ def test_foreign_or_damaged_state_dicts_are_rejected_and_lose_nothing(state, fra
     with pytest.raises(StateDictError, match=fragment):
         reg.load_state_dict(state)
     assert snapshot(reg) == before
+
+
+def test_progress_bar_and_report(capsys):
+    net = model()
+    reg = EWC(1.0, fisher="empirical")
+    report = reg.consolidate(net, data(n=10, batch=4), nn.CrossEntropyLoss(), progress=True)
+    assert (report.examples, report.batches, report.estimator) == (10, 3, "empirical")
+    assert report.seconds > 0.0
+    assert set(report.paths) == {name for name, _ in net.named_parameters()}
+    assert "ex" in capsys.readouterr().err  # tqdm writes examples to stderr
+
+
+def test_batched_report_counts_batches():
+    report = EWC(1.0, fisher="batched").consolidate(
+        model(), data(n=10, batch=4), nn.CrossEntropyLoss()
+    )
+    assert (report.examples, report.batches) == (10, 3)

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ewc import distributed as _distributed
 from ewc import fisher as fisher_lib
 from ewc._typing import Batch, Criterion, ForwardFn, ParamSelector
 from ewc.errors import ConsolidationError, ParameterMismatchError, StateDictError
-from ewc.penalty import add_penalty_grad_, overlap, penalty_value
+from ewc.penalty import add_penalty_grad_, overlap
 from ewc.store import FORMAT_NAME, FORMAT_VERSION, ConsolidatedState, storage_dtype
 
 __all__ = ["EWC", "ConsolidationReport"]
@@ -62,6 +63,9 @@ class EWC:
         max_samples: use only the first ``n`` examples the loader yields (the paper's EXACT(n)).
         params: which parameters to regularise: None (all trainable), names, or a predicate
             ``(name, param) -> bool``.
+        process_group: the group ``consolidate`` all-reduces Fisher sums and counts over when
+            ``torch.distributed`` is initialised (None: the default group); see
+            :mod:`ewc.distributed`.
 
     Example:
         >>> import torch
@@ -86,6 +90,7 @@ class EWC:
         mc_samples: int = 1,
         max_samples: int | None = None,
         params: ParamSelector = None,
+        process_group: Any = None,
     ) -> None:
         self.ewc_lambda = _check_lambda(ewc_lambda)
         if mode not in MODES:
@@ -118,6 +123,7 @@ class EWC:
             None if max_samples is None else _check_positive_int(max_samples, "max_samples")
         )
         self.params = _check_selector(params)
+        self.process_group = process_group
         self._state = ConsolidatedState()
         self._workspace: dict[str, Tensor] = {}
 
@@ -156,8 +162,8 @@ class EWC:
                 ``exact``/``sample``.
             forward: ``forward(model, batch) -> (output, target)`` for other batch layouts.
             progress: show a tqdm progress bar with examples/s.
-            reduce: combines the Fisher sums across processes before the division (used by the
-                distributed support; default: none).
+            reduce: combines the Fisher sums across processes before the division; default: an
+                all-reduce over ``process_group`` when ``torch.distributed`` is initialised.
 
         Returns:
             a :class:`ConsolidationReport`.
@@ -167,13 +173,20 @@ class EWC:
                 previous state is left exactly as it was (also on KeyboardInterrupt).
         """
         started = time.perf_counter()
+        model = _distributed.unwrap(model)
         params = self._selected_params(model)
         _check_state_fits_model(self._state, model)
-        with _eval_mode(model), _progress_bar(progress) as on_batch:
+        with (
+            _eval_mode(model),
+            _progress_bar(progress) as on_batch,
+            _distributed.fisher_pass(
+                model, params, self.process_group, reduce=reduce
+            ) as fisher_pass,
+        ):
             try:
                 sums = fisher_lib.fisher_sums(
                     model,
-                    params,
+                    fisher_pass.params,
                     dataloader,
                     criterion,
                     estimator=self.fisher,
@@ -189,14 +202,14 @@ class EWC:
                     f"consolidation failed while reading data or running the model "
                     f"({type(error).__name__}: {error}); the consolidated state is unchanged"
                 ) from error
-        if reduce is not None:
-            sums = reduce(sums)
+        sums = fisher_pass.reduce(sums)
         fisher = {
             name: value.to(storage_dtype(params[name].dtype))
             for name, value in fisher_lib.fisher_from_sums(sums.sums, sums.count).items()
         }
         anchor = {
-            name: p.detach().to(storage_dtype(p.dtype), copy=True) for name, p in params.items()
+            name: _distributed.local_tensor(p.detach()).to(storage_dtype(p.dtype), copy=True)
+            for name, p in params.items()
         }
         self._set_state(
             self._state.with_task(
@@ -235,7 +248,7 @@ class EWC:
 
         The first call after the model moved to another device moves the state once.
         """
-        named = dict(model.named_parameters())
+        named = dict(_distributed.unwrap(model).named_parameters())
         for name, importance in self._state.importance.items():
             param = named.get(name)
             if param is None:
@@ -274,7 +287,7 @@ class EWC:
         aligned = self._aligned(model)
         params = [param for _, param, _, _ in aligned]
         offset = self._state.offset.to(params[0].device) if params else self._state.offset
-        return penalty_value(
+        return _distributed.penalty_value(
             params,
             [importance for _, _, importance, _ in aligned],
             [centre for _, _, _, centre in aligned],
@@ -298,8 +311,8 @@ class EWC:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
             block = overlap(importance.shape)
-            grads.append(param.grad[block])
-            params.append(param.detach()[block])
+            grads.append(_distributed.local_tensor(param.grad)[block])
+            params.append(_distributed.local_tensor(param.detach())[block])
             importances.append(importance)
             centres.append(centre)
             work = self._workspace.get(name)
@@ -407,6 +420,7 @@ def _check_selector(params: Any) -> Any:
 
 
 def _check_param_fits(name: str, importance: Tensor, param: Tensor) -> None:
+    param = _distributed.checked_local(name, importance, param)
     stored, current = importance.shape, param.shape
     if len(stored) != len(current) or any(c < s for s, c in zip(stored, current)):
         raise ParameterMismatchError(

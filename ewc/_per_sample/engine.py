@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ewc._per_sample.capture import Capture, CoveredCall, plan_candidates, release
 from ewc._per_sample.fallback import RunModel, loop_sums, vmap_sums
-from ewc._per_sample.rules.registry import chunk_size
+from ewc._per_sample.rules.registry import accumulator_dtype, chunk_size
 from ewc._typing import TensorDict
 
 __all__ = [
@@ -164,14 +164,23 @@ def _rule_sums(
 ) -> TensorDict:
     """Backpropagate the signals to the covered outputs in budget-sized chunks; apply the rules."""
     sums: TensorDict = {}
+    if output.requires_grad:  # else nothing covered reaches the output: every gradient is zero
+        _accumulate_rules(output, covered, signals, memory_budget_bytes, sums)
     for call in covered:
         for local, name in call.candidate.names.items():
-            param = getattr(call.candidate.module, local)
-            sums[name] = param.new_zeros(
-                param.shape, dtype=torch.promote_types(param.dtype, torch.float32)
-            )
-    if not output.requires_grad:
-        return sums  # nothing covered reaches the output: every gradient is zero
+            if name not in sums:  # the output does not depend on this module
+                param = call.candidate.module.get_parameter(local)
+                sums[name] = param.new_zeros(param.shape, dtype=accumulator_dtype(param.dtype))
+    return sums
+
+
+def _accumulate_rules(
+    output: Tensor,
+    covered: list[CoveredCall],
+    signals: Tensor,
+    memory_budget_bytes: int,
+    sums: TensorDict,
+) -> None:
     count = int(signals.shape[0])
     outputs = [call.output for call in covered]
     bytes_per_signal = sum(out.numel() * out.element_size() for out in outputs)
@@ -187,9 +196,11 @@ def _rule_sums(
                 candidate.module, call.inputs, grad, candidate.names.keys(), memory_budget_bytes
             )
             for local, name in candidate.names.items():
-                sums[name].add_(terms[local])
+                if name in sums:
+                    sums[name].add_(terms[local])
+                else:  # rules return fresh tensors: the first chunk's term is the accumulator
+                    sums[name] = terms[local]
         del grads
-    return sums
 
 
 def _output_grads(

@@ -55,7 +55,7 @@ def linear_rule(
     g = g.reshape(count, examples, -1, g.shape[-1])  # (K, n, L, o)
     result: TensorDict = {}
     if x.shape[1] == 1:
-        g_sq = g[:, :, 0].square().sum(0)  # (n, o)
+        g_sq = g[0, :, 0].square() if count == 1 else g[:, :, 0].square().sum(0)  # (n, o)
         if "weight" in names:
             result["weight"] = g_sq.T @ x[:, 0].square()
         if "bias" in names:

@@ -1,0 +1,301 @@
+"""Suite a: cost of the EWC penalty per training step against the number of consolidated tasks.
+
+Model: the 784-1000-1000-10 MLP of issue 3, batch 128, random inputs (only the cost matters).
+Each method consolidates the same sequence of weights (the model is nudged between "tasks"):
+
+* ``step``: a plain forward+backward (zero_grad, loss, backward), the reference;
+* ``ewc.penalty_grad_``: the step, then ``reg.penalty_grad_(model)`` (closed form, no graph);
+* ``ewc.penalty``: ``loss + reg.penalty(model)`` through autograd;
+* ``avalanche``: the real ``avalanche.training.plugins.EWCPlugin`` -- its ``after_training_exp``
+  consolidates each task and its ``before_backward`` adds the penalty to ``strategy.loss``;
+  both are called on a minimal stand-in for a strategy (the attributes the plugin reads);
+* ``naive``: a per-task loop ``sum_t (F_t * (theta - a_t)^2).sum()`` through autograd.
+
+All use separate mode (one quadratic per task, Avalanche's default). Overheads are the median
+over interleaved repeats of ``(method step time) / (plain step time) - 1``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from benchmarks._avalanche_shim import load_avalanche_ewc_plugin
+from benchmarks._common import Row, interleaved_times, median_ratio, mlp, progress
+from ewc import EWC
+
+__all__ = ["run"]
+
+LAMBDA = 100.0
+
+
+def _state_bytes(tensors: list[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _ours_bytes(reg: EWC) -> int:
+    state = reg.state
+    tensors = [*state.importance.values(), *state.centre.values(), state.offset]
+    for task in state.history:
+        for part in task.values():
+            tensors.extend(part.values())
+    return _state_bytes(tensors)
+
+
+def _avalanche_bytes(plugin: Any) -> int:
+    tensors = [
+        p.data
+        for store in (plugin.importances, plugin.saved_params)
+        for per_task in store.values()
+        for p in per_task.values()
+    ]
+    return _state_bytes(tensors)
+
+
+class _Methods:
+    """Every method's consolidated state on one model, grown one task at a time."""
+
+    def __init__(self, sizes: list[int], batch: int, seed: int) -> None:
+        torch.manual_seed(seed)
+        self.model = mlp(sizes)
+        self.x = torch.randn(batch, sizes[0])
+        self.y = torch.randint(0, sizes[-1], (batch,))
+        self.criterion = nn.CrossEntropyLoss()
+        self.reg = EWC(LAMBDA, mode="separate", fisher="batched")
+        plugin_cls, self.note = load_avalanche_ewc_plugin()
+        self.plugin = plugin_cls(LAMBDA, mode="separate") if plugin_cls is not None else None
+        self.naive: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []
+        self.tasks = 0
+        self._optimizer = torch.optim.SGD(self.model.parameters(), lr=0.0)
+        self._dataset = torch.utils.data.TensorDataset(
+            self.x, self.y, torch.zeros(batch, dtype=torch.long)
+        )
+
+    def _nudge(self) -> None:
+        """Stands in for training on a task: every weight moves a little."""
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.add_(torch.randn_like(p), alpha=0.01)
+
+    def add_task(self) -> None:
+        """Train (nudge), then consolidate the task into every method's state."""
+        model, x, y = self.model, self.x, self.y
+        self._nudge()
+        self.reg.consolidate(model, [(x, y)], self.criterion)
+        fisher = _batch_fisher(model, x, y, self.criterion)
+        self.naive.append((fisher, {n: p.detach().clone() for n, p in model.named_parameters()}))
+        if self.plugin is not None:
+            strategy = SimpleNamespace(
+                clock=SimpleNamespace(train_exp_counter=self.tasks),
+                model=model,
+                _criterion=self.criterion,
+                optimizer=self._optimizer,
+                experience=SimpleNamespace(dataset=self._dataset),
+                device="cpu",
+                train_mb_size=len(x),
+            )
+            self.plugin.after_training_exp(strategy)
+        self.tasks += 1
+
+    def measure(self) -> dict[str, Any]:
+        """Closures for one training step of each method, penalty values and state sizes.
+
+        The weights are first nudged away from the last anchor (training on the next task);
+        the nudge is undone by the next :meth:`add_task`'s own, so states stay comparable.
+        """
+        self._nudge()
+        model, x, y, criterion, reg = self.model, self.x, self.y, self.criterion, self.reg
+        model.train()
+        params = dict(model.named_parameters())
+        naive, plugin = self.naive, self.plugin
+
+        def step() -> None:
+            model.zero_grad(set_to_none=False)
+            criterion(model(x), y).backward()
+
+        def ours_grad() -> None:
+            model.zero_grad(set_to_none=False)
+            criterion(model(x), y).backward()
+            reg.penalty_grad_(model)
+
+        def ours_loss() -> None:
+            model.zero_grad(set_to_none=False)
+            (criterion(model(x), y) + reg.penalty(model)).backward()
+
+        def naive_penalty() -> Tensor:
+            total = torch.zeros(())
+            for fisher, anchor in naive:
+                for name, p in params.items():
+                    total = total + (fisher[name] * (p - anchor[name]).pow(2)).sum()
+            return LAMBDA * total
+
+        def naive_step() -> None:
+            model.zero_grad(set_to_none=False)
+            (criterion(model(x), y) + naive_penalty()).backward()
+
+        strategy = SimpleNamespace(
+            clock=SimpleNamespace(train_exp_counter=self.tasks), model=model, device="cpu"
+        )
+
+        def avalanche_penalty() -> Tensor:
+            strategy.loss = torch.zeros(())
+            plugin.before_backward(strategy)
+            return strategy.loss
+
+        def avalanche_step() -> None:
+            model.zero_grad(set_to_none=False)
+            strategy.loss = criterion(model(x), y)
+            plugin.before_backward(strategy)
+            strategy.loss.backward()
+
+        fns = {
+            "step": step,
+            "ewc.penalty_grad_": ours_grad,
+            "ewc.penalty": ours_loss,
+            "naive": naive_step,
+        }
+        with torch.no_grad():
+            values = {"ewc": float(reg.penalty(model)), "naive": float(naive_penalty())}
+        naive_tensors = [t for pair in naive for part in pair for t in part.values()]
+        memory = {"ewc": _ours_bytes(reg), "naive": _state_bytes(naive_tensors)}
+        if plugin is not None:
+            fns["avalanche"] = avalanche_step
+            with torch.no_grad():
+                values["avalanche"] = float(avalanche_penalty())
+            memory["avalanche"] = _avalanche_bytes(plugin)
+        return {"fns": fns, "values": values, "memory": memory}
+
+
+def _batch_fisher(
+    model: nn.Module, x: Tensor, y: Tensor, criterion: nn.Module
+) -> dict[str, Tensor]:
+    """Squared mini-batch gradient: what Avalanche and ``fisher="batched"`` store for one batch."""
+    grads = torch.autograd.grad(criterion(model(x), y), list(model.parameters()))
+    return {n: g.pow(2) for (n, _), g in zip(model.named_parameters(), grads)}
+
+
+CONFIGS = {
+    "full": {"sizes": [784, 1000, 1000, 10], "task_counts": [1, 5, 10, 20, 50], "repeats": 15},
+    "quick": {"sizes": [784, 1000, 1000, 10], "task_counts": [1, 5, 10, 20, 50], "repeats": 4},
+    "smoke": {"sizes": [20, 16, 4], "task_counts": [1, 2], "repeats": 2},
+}
+
+
+def run(mode: str, out: Path) -> dict[str, list[Row]]:
+    """Time every method at each number of tasks; plot into ``out``; return the tables.
+
+    Args:
+        mode: ``"full"``, ``"quick"`` (fewer repeats) or ``"smoke"`` (a tiny model, for tests).
+        out: folder for ``penalty_cost.png``.
+    """
+    config = CONFIGS[mode]
+    sizes, task_counts, repeats = config["sizes"], config["task_counts"], config["repeats"]
+    headline_at = 20 if 20 in task_counts else max(task_counts)
+    precise: dict[str, list[float]] = {}
+    rows: list[Row] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Avalanche's import-time deprecation chatter
+        methods = _Methods(sizes, batch=128, seed=0)
+    notes = [methods.note] if methods.note else []
+    bar = progress(range(1, max(task_counts) + 1), desc="penalty cost: consolidating tasks")
+    for tasks in bar:
+        methods.add_task()
+        if tasks not in task_counts:
+            continue
+        built = methods.measure()
+        times = interleaved_times(built["fns"], repeats=repeats, inner=2)
+        reference = built["values"]["naive"]
+        for name, samples in times.items():
+            key = name.split(".")[0] if name != "step" else None
+            rows.append(
+                {
+                    "tasks": tasks,
+                    "method": name,
+                    "ms_per_step": 1e3 * statistics.median(samples),
+                    "overhead_vs_step": (
+                        0.0 if name == "step" else median_ratio(samples, times["step"]) - 1.0
+                    ),
+                    "state_MB": (built["memory"][key] / 2**20 if key in built["memory"] else 0.0),
+                    "penalty_rel_diff_vs_naive": (
+                        abs(built["values"][key] - reference) / abs(reference)
+                        if key in built["values"]
+                        else float("nan")
+                    ),
+                }
+            )
+        if tasks == headline_at:
+            # the issue-3 figure: the cheap methods again, with many more paired repeats
+            cheap = {
+                k: v
+                for k, v in built["fns"].items()
+                if k in ("step", "ewc.penalty_grad_", "ewc.penalty")
+            }
+            precise = interleaved_times(cheap, repeats=3 * repeats, inner=5)
+        del built
+    _plot(rows, out / "penalty_cost.png", sizes)
+    headline = []
+    for r in rows:
+        if r["tasks"] != headline_at or r["method"] == "step":
+            continue
+        samples = precise.get(r["method"])
+        headline.append(
+            {
+                "tasks": headline_at,
+                "method": r["method"],
+                "ms_per_step": 1e3 * statistics.median(samples) if samples else r["ms_per_step"],
+                "overhead_%": 100
+                * (
+                    median_ratio(samples, precise["step"]) - 1 if samples else r["overhead_vs_step"]
+                ),
+                "repeats": len(samples) if samples else repeats,
+                "target": "<= 8%" if r["method"] == "ewc.penalty_grad_" else "",
+            }
+        )
+    tables = {"penalty_cost": rows, "penalty_overhead_headline": headline}
+    if notes:
+        tables["penalty_notes"] = [{"note": n} for n in notes]
+    return tables
+
+
+def _plot(rows: list[Row], path: Path, sizes: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        tasks = [r["tasks"] for r in mine]
+        left.plot(tasks, [r["ms_per_step"] for r in mine], marker="o", label=method)
+        if method != "ewc.penalty":  # same state as ewc.penalty_grad_
+            label = "ewc" if method == "ewc.penalty_grad_" else method
+            if method != "step":
+                right.plot(tasks, [r["state_MB"] for r in mine], marker="o", label=label)
+    arch = "-".join(map(str, sizes))
+    left.set(
+        xlabel="consolidated tasks",
+        ylabel="ms per training step",
+        yscale="log",
+        title=f"step time, MLP {arch}, batch 128",
+    )
+    right.set(
+        xlabel="consolidated tasks",
+        ylabel="penalty state (MiB)",
+        yscale="log",
+        title="memory of the consolidated state",
+    )
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

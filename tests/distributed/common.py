@@ -18,12 +18,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ewc import EWC
+
 __all__ = [
+    "LAMBDA",
+    "SEED",
     "SHARDS",
     "WORLD_SIZE",
+    "assert_state_close",
+    "consolidate_tasks",
     "init_worker",
     "make_model",
     "perturb_",
+    "reference",
+    "reference_grads",
     "shard_batches",
     "spawn",
     "union_batches",
@@ -90,3 +98,48 @@ def spawn(worker: Callable[..., None], tmp_path: Path, *args: Any) -> None:
     torch.multiprocessing.spawn(
         worker, args=(str(init_file), str(tmp_path), *args), nprocs=WORLD_SIZE, join=True
     )
+
+
+LAMBDA = 10.0
+SEED = 100  # rank r draws the `sample` labels from seed SEED + r
+
+
+def consolidate_tasks(reg: EWC, model: nn.Module, rank: int | None) -> None:
+    """Two tasks, with a weight change between them (so the merged centre and offset matter)."""
+    for task in range(2):
+        batches = union_batches(task=task) if rank is None else shard_batches(rank, task=task)
+        torch.manual_seed(SEED + (rank or 0))
+        reg.consolidate(model, batches, nn.CrossEntropyLoss())
+        perturb_(model)
+
+
+def reference(estimator: str) -> tuple[EWC, nn.Module]:
+    """One process over the union of the shards: two tasks, then the weights after them."""
+    model = make_model()
+    reg = EWC(LAMBDA, fisher=estimator)
+    consolidate_tasks(reg, model, None)
+    return reg, model
+
+
+def assert_state_close(got: dict[str, Any], want: dict[str, Any]) -> None:
+    """Two ``ConsolidatedState.state_dict()`` dicts agree to float32 rounding."""
+    assert got["tasks"] == want["tasks"]
+    for key in ("importance", "centre"):
+        assert got[key].keys() == want[key].keys()
+        for name in want[key]:
+            torch.testing.assert_close(got[key][name], want[key][name], msg=f"{key}[{name}]")
+    torch.testing.assert_close(got["offset"], want["offset"])
+
+
+def reference_grads(estimator: str) -> list[Tensor]:
+    """Mean over ranks of the task gradient, plus the penalty gradient: what DDP must give."""
+    reg, model = reference(estimator)
+    criterion = nn.CrossEntropyLoss()
+    task = [torch.zeros_like(p) for p in model.parameters()]
+    for rank in range(WORLD_SIZE):
+        x, y = shard_batches(rank, task=2)[0]  # the batch of the training step
+        grads = torch.autograd.grad(criterion(model(x), y), list(model.parameters()))
+        for total, grad in zip(task, grads):
+            total.add_(grad / WORLD_SIZE)
+    penalty = torch.autograd.grad(reg.penalty(model), list(model.parameters()))
+    return [t + p for t, p in zip(task, penalty)]

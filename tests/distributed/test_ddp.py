@@ -12,33 +12,26 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ewc import ESTIMATORS, EWC, ConsolidationError, FisherSums, fisher_sums
 from tests.distributed.common import (
+    LAMBDA,
+    SEED,
     WORLD_SIZE,
+    assert_state_close,
+    consolidate_tasks,
     init_worker,
     make_model,
     perturb_,
+    reference,
+    reference_grads,
     shard_batches,
     spawn,
-    union_batches,
 )
 
 pytestmark = pytest.mark.distributed
-
-LAMBDA = 10.0
-SEED = 100  # rank r draws the `sample` labels from seed SEED + r
-
-
-def _consolidate_tasks(reg: EWC, model: nn.Module, rank: int | None) -> None:
-    """Two tasks, with a weight change between them (so the merged centre and offset matter)."""
-    for task in range(2):
-        batches = union_batches(task=task) if rank is None else shard_batches(rank, task=task)
-        torch.manual_seed(SEED + (rank or 0))
-        reg.consolidate(model, batches, nn.CrossEntropyLoss())
-        perturb_(model)
 
 
 def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -49,7 +42,7 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
         model = make_model()
         ddp = DistributedDataParallel(model)
         reg = EWC(LAMBDA, fisher=estimator)
-        _consolidate_tasks(reg, ddp, rank)
+        consolidate_tasks(reg, ddp, rank)
         out[estimator] = {
             "state": reg.state_dict(),
             "grads_untouched": all(p.grad is None for p in model.parameters()),
@@ -58,6 +51,10 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
         }
 
     # one training step at the current weights, with the penalty in the loss ...
+    model = make_model()
+    ddp = DistributedDataParallel(model)
+    reg = EWC(LAMBDA, fisher="exact")
+    consolidate_tasks(reg, ddp, rank)
     x, y = shard_batches(rank, task=2)[0]
     ddp.zero_grad(set_to_none=True)
     (criterion(ddp(x), y) + reg.penalty(ddp)).backward()
@@ -89,30 +86,14 @@ def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]
     return [torch.load(tmp_path / f"ddp_rank{r}.pt") for r in range(WORLD_SIZE)]
 
 
-def _reference(estimator: str) -> tuple[EWC, nn.Module]:
-    model = make_model()
-    reg = EWC(LAMBDA, fisher=estimator)
-    _consolidate_tasks(reg, model, None)
-    return reg, model
-
-
-def _assert_state_close(got: dict[str, Any], want: dict[str, Any]) -> None:
-    assert got["tasks"] == want["tasks"]
-    for key in ("importance", "centre"):
-        assert got[key].keys() == want[key].keys()
-        for name in want[key]:
-            torch.testing.assert_close(got[key][name], want[key][name], msg=f"{key}[{name}]")
-    torch.testing.assert_close(got["offset"], want["offset"])
-
-
 @pytest.mark.parametrize("estimator", [e for e in ESTIMATORS if e != "sample"])
 def test_state_equals_single_process_over_union(
     ddp_results: list[dict[str, Any]], estimator: str
 ) -> None:
-    reference, _ = _reference(estimator)
+    reg, _ = reference(estimator)
     for rank in range(WORLD_SIZE):
-        _assert_state_close(
-            ddp_results[rank][estimator]["state"]["state"], reference.state_dict()["state"]
+        assert_state_close(
+            ddp_results[rank][estimator]["state"]["state"], reg.state_dict()["state"]
         )
 
 
@@ -165,7 +146,7 @@ def test_sample_is_the_pooled_estimate_of_the_ranks_draws(
         )
         perturb_(model)
     for rank in range(WORLD_SIZE):
-        _assert_state_close(
+        assert_state_close(
             ddp_results[rank]["sample"]["state"]["state"], reference.state_dict()["state"]
         )
 
@@ -196,29 +177,15 @@ def test_fisher_pass_does_not_touch_grads_and_names_are_unwrapped(
 def test_penalty_value_equals_single_process(
     ddp_results: list[dict[str, Any]], estimator: str
 ) -> None:
-    reference, model = _reference(estimator)
-    want = reference.penalty(model).detach()
+    reg, model = reference(estimator)
+    want = reg.penalty(model).detach()
     for rank in range(WORLD_SIZE):
         torch.testing.assert_close(ddp_results[rank][estimator]["penalty"], want)
 
 
-def _reference_grads() -> list[Tensor]:
-    """Mean over ranks of the task gradient, plus the penalty gradient: what DDP must give."""
-    reference, model = _reference(ESTIMATORS[-1])
-    criterion = nn.CrossEntropyLoss()
-    task = [torch.zeros_like(p) for p in model.parameters()]
-    for rank in range(WORLD_SIZE):
-        x, y = shard_batches(rank, task=2)[0]
-        grads = torch.autograd.grad(criterion(model(x), y), list(model.parameters()))
-        for total, grad in zip(task, grads):
-            total.add_(grad / WORLD_SIZE)
-    penalty = torch.autograd.grad(reference.penalty(model), list(model.parameters()))
-    return [t + p for t, p in zip(task, penalty)]
-
-
 @pytest.mark.parametrize("path", ["grads_penalty_in_loss", "grads_penalty_grad_"])
 def test_penalty_gradient_under_ddp(ddp_results: list[dict[str, Any]], path: str) -> None:
-    want = _reference_grads()
+    want = reference_grads("exact")
     for got, ref in zip(ddp_results[0][path], want):
         torch.testing.assert_close(got, ref)
     for first, second in zip(ddp_results[0][path], ddp_results[1][path]):

@@ -229,10 +229,7 @@ def _output_grads(
         )
         for signal in signals
     ]
-    return tuple(
-        None if grads[0] is None else torch.stack(grads)
-        for grads in zip(*per_signal)
-    )
+    return tuple(None if grads[0] is None else torch.stack(grads) for grads in zip(*per_signal))
 
 
 def _fallback_sums(

@@ -5,7 +5,16 @@ Importing this package registers every rule in :data:`RULES`.
 
 from __future__ import annotations
 
-from ewc._per_sample.rules import linear
+from ewc._per_sample.rules import conv, embedding, linear, norm
 from ewc._per_sample.rules.registry import RULES, LayerRule, register_rule, rule_for
 
-__all__ = ["RULES", "LayerRule", "linear", "register_rule", "rule_for"]
+__all__ = [
+    "RULES",
+    "LayerRule",
+    "conv",
+    "embedding",
+    "linear",
+    "norm",
+    "register_rule",
+    "rule_for",
+]

@@ -165,6 +165,7 @@ class InPlaceOnCaptured(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(3, 3))
+        self.memory: Tensor
         self.register_buffer("memory", torch.zeros(3))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -231,8 +232,8 @@ def test_batch_norm_training_mode_is_not_a_rule() -> None:
 def test_subset_of_parameters_and_frozen_weights() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double().eval()
-    model[0].weight.requires_grad_(False)
-    params = {"0.bias": model[0].bias, "2.weight": model[2].weight}
+    model.get_parameter("0.weight").requires_grad_(False)
+    params = {name: model.get_parameter(name) for name in ("0.bias", "2.weight")}
     x = torch.randn(5, 3, dtype=torch.float64)
     make = signal_maker(2)
     result = squared_grad_sums(model, params, x, run_model, make)

@@ -249,6 +249,7 @@ def test_batch_norm_eval(n: int, dims: int, affine_bias: bool, signals: int, dty
     torch.manual_seed(n + dims)
     norm_type = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
     model = norm_type(3).to(dtype)
+    assert model.running_mean is not None and model.running_var is not None
     with torch.no_grad():
         model.running_mean.normal_()
         model.running_var.uniform_(0.5, 2.0)

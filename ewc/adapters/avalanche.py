@@ -42,13 +42,14 @@ except ModuleNotFoundError as error:  # pragma: no cover - exercised without ava
 
 from ewc._typing import Batch, ParamSelector
 from ewc.core import EWC, ConsolidationReport
+from ewc.distributed import unwrap
 from ewc.penalty import merge_online, pad_to
 from ewc.store import storage_dtype
 
 __all__ = ["EWCPlugin"]
 
 
-class EWCPlugin(SupervisedPlugin, supports_distributed=False):  # type: ignore[call-arg, unused-ignore]
+class EWCPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[call-arg, unused-ignore]
     """Elastic Weight Consolidation for Avalanche strategies, backed by :class:`ewc.EWC`.
 
     At the end of each training experience the Fisher is estimated on the experience's dataset
@@ -208,7 +209,7 @@ class EWCPlugin(SupervisedPlugin, supports_distributed=False):  # type: ignore[c
                 "update_importances needs the model whose weights are the anchor: call "
                 "compute_importances(model, ...) first"
             )
-        named = dict(self._model.named_parameters())
+        named = dict(unwrap(self._model).named_parameters())
         unknown = sorted(set(importances) - set(named))
         if unknown:
             raise ValueError(

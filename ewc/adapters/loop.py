@@ -11,7 +11,10 @@ therefore added exactly once per optimizer step, whatever the loop does before i
   inf/NaN *before* it calls ``optimizer.step()``, so the hook adds the penalty gradient to the
   unscaled gradients, and a skipped step (overflow) adds nothing;
 * **gradient clipping** done by the loop before ``optimizer.step()`` sees only the task
-  gradient; the penalty gradient is added after clipping.
+  gradient; the penalty gradient is added after clipping;
+* **closures** (``optimizer.step(closure)``, e.g. ``LBFGS``): the closure is wrapped so that each
+  evaluation adds the penalty gradient after computing the task gradient, and returns the loss
+  plus the penalty value.
 
 Example:
     >>> import torch
@@ -34,8 +37,10 @@ Example:
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
@@ -127,9 +132,35 @@ def attach(reg: EWC, model: nn.Module, optimizer: Optimizer) -> PenaltyHookHandl
             "handle first (attaching twice would apply the penalty twice per step)"
         )
 
-    def step_pre_hook(_: Optimizer, args: Any, kwargs: Any) -> None:
-        reg.penalty_grad_(model)
+    def step_pre_hook(_: Optimizer, args: Any, kwargs: Any) -> Any:
+        # `args` is what `step` was called with, the optimizer itself first
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            reg.penalty_grad_(model)
+            return None
+        wrapped = _closure_with_penalty(reg, model, closure)
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": wrapped}
+        return (args[0], wrapped, *args[2:]), kwargs
 
     handle = PenaltyHookHandle(optimizer, optimizer.register_step_pre_hook(step_pre_hook))
     _ATTACHED[optimizer] = handle
     return handle
+
+
+def _closure_with_penalty(
+    reg: EWC, model: nn.Module, closure: Callable[[], Any]
+) -> Callable[[], Any]:
+    """``optimizer.step(closure)`` evaluates the closure inside the step (LBFGS may do so several
+    times): add the penalty gradient after each evaluation, and its value to the returned loss so
+    that line searches see the whole objective."""
+
+    def closure_with_penalty() -> Any:
+        loss = closure()
+        reg.penalty_grad_(model)
+        if loss is None or reg.tasks == 0:
+            return loss
+        with torch.no_grad():
+            return loss + reg.penalty(model)
+
+    return closure_with_penalty

@@ -169,6 +169,39 @@ def test_grad_scaler_unscales_before_the_hook_adds_the_penalty() -> None:
         torch.testing.assert_close(p.detach(), unscaled[name], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("as_keyword", [False, True], ids=["positional", "keyword"])
+def test_closure_steps_see_the_whole_objective(as_keyword: bool) -> None:
+    """LBFGS with a line search evaluates the closure several times per step and reads its loss."""
+    model, reg = _consolidated()
+    x = torch.cat([x for x, _ in _data(6)])
+    y = torch.cat([y for _, y in _data(6)])
+
+    def fit(model: nn.Module, with_penalty: bool, hook: bool) -> dict[str, Tensor]:
+        optimizer = torch.optim.LBFGS(model.parameters(), lr=0.5, line_search_fn="strong_wolfe")
+        handle = attach(reg, model, optimizer) if hook else None
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            if with_penalty:
+                loss = loss + reg.penalty(model)
+            loss.backward()
+            return loss
+
+        for _ in range(3):
+            optimizer.step(closure=closure) if as_keyword else optimizer.step(closure)
+        if handle is not None:
+            handle.remove()
+        return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    reference = fit(copy.deepcopy(model), with_penalty=True, hook=False)
+    hooked = fit(copy.deepcopy(model), with_penalty=False, hook=True)
+    unregularised = fit(copy.deepcopy(model), with_penalty=False, hook=False)
+    for name in reference:
+        torch.testing.assert_close(hooked[name], reference[name], rtol=1e-9, atol=1e-10)
+    assert _max_difference(reference, unregularised) > 1e-3
+
+
 def test_attaching_twice_to_one_optimizer_is_an_error_and_remove_allows_it_again() -> None:
     model, reg = _consolidated()
     optimizer = _optimizer(model)

@@ -293,12 +293,13 @@ def test_ewc_lambda_is_assignable_and_validated() -> None:
         EWCPlugin(1.0, mode="online")
 
 
-def test_is_a_supervised_plugin_not_marked_distributed() -> None:
+def test_is_a_supervised_plugin_marked_distributed() -> None:
     from avalanche.training.plugins import SupervisedPlugin
 
     plugin = EWCPlugin(1.0)
     assert isinstance(plugin, SupervisedPlugin)
-    assert plugin.supports_distributed is False
+    # True since tests/distributed/test_avalanche.py runs it in Avalanche's distributed training
+    assert plugin.supports_distributed is True
 
 
 def test_adapters_raise_the_install_hint_without_their_framework() -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import torch
 from torch.optim import Optimizer
 
 try:
@@ -116,10 +117,15 @@ class EWCCallback(pl.Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        """Add the penalty gradient (unscaled gradients, before clipping) and log the penalty."""
+        """Add the penalty gradient (unscaled gradients, before clipping) and log the penalty.
+
+        With several optimizers, each optimizer step adds the gradient of every regularised
+        parameter of the module, not only of the parameters that optimizer steps.
+        """
         self.reg.penalty_grad_(pl_module)
         if self.log_penalty:
-            value = self.reg.penalty(pl_module).detach()
+            with torch.no_grad():
+                value = self.reg.penalty(pl_module)
             pl_module.log(self.log_name, value, on_step=True, on_epoch=False)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -80,12 +80,23 @@ def _avalanche(model: nn.Module, dataset: TensorDataset) -> Callable[[], object]
     return compute
 
 
-def run(quick: bool = False) -> list[Row]:
+def run(quick: bool = False, *, threads: int | None = None) -> list[Row]:
     """Rows ``(model, estimator, seconds, ratio_vs_avalanche)`` for the MLP and the small CNN.
 
     Args:
         quick: 256 examples and 3 repeats instead of 2048 and 7 (a smoke run).
+        threads: ``torch.set_num_threads`` for the run (restored after); default: unchanged.
     """
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _measure(quick)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _measure(quick: bool) -> list[Row]:
     repeats = 3 if quick else 7
     rows: list[Row] = []
     for name in ("mlp", "cnn"):
@@ -120,11 +131,10 @@ if __name__ == "__main__":
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small data, few repeats")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     arguments = parser.parse_args()
+    table = run(quick=arguments.quick, threads=arguments.threads)
+    used = arguments.threads or torch.get_num_threads()
     print(
-        format_table(
-            run(quick=arguments.quick),
-            title=f"Fisher cost vs Avalanche compute_importances (torch threads: "
-            f"{torch.get_num_threads()})",
-        )
+        format_table(table, title=f"Fisher cost vs Avalanche compute_importances ({used} threads)")
     )

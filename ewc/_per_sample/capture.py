@@ -2,10 +2,11 @@
 
 Forward hooks capture each call's (detached) inputs and the module output as the node the backward
 signals are propagated to; the hook hands the rest of the model a *clone* of the output, so later
-in-place ops (``ReLU(inplace=True)``) cannot rewrite the captured node. A
-:class:`~torch.overrides.TorchFunctionMode` watches every tensor op during the forward: a covered
-parameter that enters an op while its owning module is not running (tied weights, a parent using
-``self.fc.weight`` directly) disqualifies its module from the rule path.
+in-place ops (``ReLU(inplace=True)``) cannot rewrite the captured node. After the forward, one
+walk over the autograd graph counts the edges into each covered parameter's gradient
+accumulator: more than the one its module's call creates means the parameter also reaches the
+output some other way (a parent using ``self.fc.weight`` directly), which disqualifies its module
+from the rule path. Uses that do not reach the output contribute no gradient and do not count.
 
 A module's rule applies only when, in that forward, the module ran exactly once, with positional
 inputs whose dim 0 is the batch size (checked by the rule's ``supports``), its parameters were used
@@ -21,7 +22,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from ewc._per_sample.rules.registry import LayerRule, rule_for
@@ -83,65 +83,48 @@ def plan_candidates(model: nn.Module, params: Mapping[str, Tensor]) -> list[Cand
     return candidates
 
 
-class _ParameterUseWatcher(TorchFunctionMode):
-    """Flags covered parameters that enter a tensor op while their owner module is not running."""
-
-    def __init__(self, owners: dict[int, int]) -> None:
-        super().__init__()
-        self.owners = owners  # id(parameter) -> id(owning module)
-        self.running: set[int] = set()
-        self.misused: set[int] = set()  # ids of owning modules
-
-    def _check(self, value: Any) -> None:
-        owner = self.owners.get(id(value))
-        if owner is not None and owner not in self.running:
-            self.misused.add(owner)
-
-    def __torch_function__(
-        self,
-        func: Any,
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
-        for value in (*args, *kwargs.values()):
-            if isinstance(value, (list, tuple)):
-                for item in value:
-                    self._check(item)
-            else:
-                self._check(value)
-        return func(*args, **kwargs)
+def _edges_into(output: Tensor, watched: set[int]) -> dict[int, int]:
+    """Per watched parameter id, the number of autograd edges into its gradient accumulator in
+    the graph of ``output``. Cost: one visit per graph node."""
+    counts = dict.fromkeys(watched, 0)
+    root = output.grad_fn
+    if root is None:
+        return counts
+    stack, seen = [root], {root}
+    while stack:
+        node = stack.pop()
+        for child, _ in node.next_functions:
+            if child is None:
+                continue
+            variable = getattr(child, "variable", None)  # set on AccumulateGrad nodes only
+            if variable is not None:
+                if id(variable) in counts:
+                    counts[id(variable)] += 1
+            elif child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return counts
 
 
 class Capture:
-    """Context manager: hooks on the candidates and the parameter-use watcher for one forward.
+    """Context manager: forward hooks on the candidates for one forward.
 
     Example:
         >>> capture = Capture(plan_candidates(model, params))  # doctest: +SKIP
         >>> with capture, torch.enable_grad():
         ...     output, target = run_model(model, batch)
-        >>> covered, rejected = capture.covered(batch_size=output.shape[0])
+        >>> covered, rejected = capture.covered(output, batch_size=output.shape[0])
     """
 
     def __init__(self, candidates: list[Candidate]) -> None:
         self.candidates = candidates
-        owners: dict[int, int] = {}
-        for candidate in candidates:
-            for local in candidate.names:
-                owners[id(getattr(candidate.module, local))] = id(candidate.module)
-        self._watcher = _ParameterUseWatcher(owners)
         self._handles: list[RemovableHandle] = []
 
     def __enter__(self) -> Capture:
         for candidate in self.candidates:
             self._handles.append(
-                candidate.module.register_forward_pre_hook(self._pre_hook(candidate))
-            )
-            self._handles.append(
                 candidate.module.register_forward_hook(self._hook(candidate), with_kwargs=True)
             )
-        self._watcher.__enter__()
         return self
 
     def __exit__(
@@ -150,22 +133,14 @@ class Capture:
         error: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self._watcher.__exit__(kind, error, traceback)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-
-    def _pre_hook(self, candidate: Candidate) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            self._watcher.running.add(id(module))
-
-        return hook
 
     def _hook(self, candidate: Candidate) -> Any:
         def hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
         ) -> Any:
-            self._watcher.running.discard(id(module))
             candidate.calls += 1
             if candidate.calls > 1 or not isinstance(output, Tensor):
                 candidate.output = None
@@ -183,12 +158,23 @@ class Capture:
 
         return hook
 
-    def covered(self, batch_size: int) -> tuple[list[CoveredCall], dict[str, str]]:
-        """The calls whose rule applies, and per rejected module name a reason (for the log)."""
+    def covered(self, output: Tensor, batch_size: int) -> tuple[list[CoveredCall], dict[str, str]]:
+        """The calls whose rule applies, and per rejected module name a reason (for the log).
+
+        Args:
+            output: the model output of the captured forward (its graph is inspected).
+            batch_size: the number of examples (dim 0 of the output).
+        """
         covered: list[CoveredCall] = []
         rejected: dict[str, str] = {}
+        watched = {
+            id(candidate.module.get_parameter(local))
+            for candidate in self.candidates
+            for local in candidate.names
+        }
+        edges = _edges_into(output, watched)
         for candidate in self.candidates:
-            reason = self._rejection(candidate, batch_size)
+            reason = self._rejection(candidate, batch_size, edges)
             if reason is None and candidate.output is not None:
                 covered.append(CoveredCall(candidate, candidate.inputs, candidate.output))
             else:
@@ -197,13 +183,15 @@ class Capture:
                 )
         return covered, rejected
 
-    def _rejection(self, candidate: Candidate, batch_size: int) -> str | None:
+    def _rejection(
+        self, candidate: Candidate, batch_size: int, edges: dict[int, int]
+    ) -> str | None:
         if candidate.calls == 0:
             return "not called"
         if candidate.calls > 1:
             return f"called {candidate.calls} times in one forward (weight sharing)"
-        if id(candidate.module) in self._watcher.misused:
-            return "a parameter is used outside the module's own call"
+        if any(edges[id(candidate.module.get_parameter(local))] > 1 for local in candidate.names):
+            return "a parameter also reaches the output outside the module's own call"
         if candidate.has_kwargs:
             return "called with keyword arguments"
         output = candidate.output

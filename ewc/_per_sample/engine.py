@@ -136,7 +136,7 @@ def squared_grad_sums(
     sums: TensorDict = {}
     paths: dict[str, str] = {}
     try:
-        covered, rejected = capture.covered(examples) if candidates else ([], {})
+        covered, rejected = capture.covered(output, examples) if candidates else ([], {})
         for module, reason in rejected.items():
             logger.debug("ewc: no per-example rule for %s: %s", module, reason)
         if covered:

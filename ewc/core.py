@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -211,21 +211,59 @@ class EWC:
             name: _distributed.local_tensor(p.detach()).to(storage_dtype(p.dtype), copy=True)
             for name, p in params.items()
         }
-        self._set_state(
-            self._state.with_task(
-                fisher,
-                anchor,
-                mode=self.mode,
-                decay_factor=self.decay_factor,
-                keep_history=self.keep_importance_data,
-            )
-        )
+        self.add_task(fisher, anchor)
         return ConsolidationReport(
             examples=sums.examples,
             batches=sums.batches,
             seconds=time.perf_counter() - started,
             estimator=self.fisher,
             paths=sums.paths,
+        )
+
+    def add_task(self, fisher: Mapping[str, Tensor], anchor: Mapping[str, Tensor]) -> None:
+        """Consolidate a task whose diagonal Fisher ``F`` and anchor weights ``a`` you already have.
+
+        :meth:`consolidate` ends here; call it directly with importances computed elsewhere
+        (Avalanche's ``update_importances``, a Fisher from another library). Tensors are copied
+        into the state's dtype (float32 or wider). Cost: O(P).
+
+        Raises:
+            ValueError: names differ between ``fisher`` and ``anchor``, shapes differ, or the
+                Fisher has negative or non-finite entries; the state is unchanged.
+            ParameterMismatchError: a consolidated parameter shrank or changed rank.
+        """
+        if set(fisher) != set(anchor):
+            raise ValueError(
+                f"Arguments `fisher` and `anchor` must name the same parameters but got "
+                f"{sorted(fisher)} and {sorted(anchor)}"
+            )
+        checked_fisher: dict[str, Tensor] = {}
+        checked_anchor: dict[str, Tensor] = {}
+        for name, value in fisher.items():
+            if not isinstance(value, Tensor) or not isinstance(anchor[name], Tensor):
+                raise TypeError(f"Expected tensors for parameter {name!r} in `fisher`/`anchor`")
+            if value.shape != anchor[name].shape:
+                raise ValueError(
+                    f"parameter {name!r} has a Fisher of shape {tuple(value.shape)} but an anchor "
+                    f"of shape {tuple(anchor[name].shape)}"
+                )
+            if not torch.isfinite(value).all() or (value < 0).any():
+                raise ValueError(
+                    f"the Fisher of parameter {name!r} has negative or non-finite values"
+                )
+            dtype = storage_dtype(anchor[name].dtype)
+            checked_fisher[name] = value.detach().to(dtype=dtype, copy=True)
+            checked_anchor[name] = (
+                anchor[name].detach().to(device=value.device, dtype=dtype, copy=True)
+            )
+        self._set_state(
+            self._state.with_task(
+                checked_fisher,
+                checked_anchor,
+                mode=self.mode,
+                decay_factor=self.decay_factor,
+                keep_history=self.keep_importance_data,
+            )
         )
 
     def _selected_params(self, model: nn.Module) -> dict[str, nn.Parameter]:
@@ -308,6 +346,8 @@ class EWC:
         aligned = self._aligned(model)
         grads, params, importances, centres, workspace = [], [], [], [], []
         for name, param, importance, centre in aligned:
+            if not param.requires_grad:  # frozen since: autograd of penalty() gives it no grad
+                continue
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
             block = overlap(importance.shape)

@@ -44,7 +44,6 @@ from ewc._typing import Batch, ParamSelector
 from ewc.core import EWC, ConsolidationReport
 from ewc.distributed import unwrap
 from ewc.penalty import merge_online, pad_to
-from ewc.store import storage_dtype
 
 __all__ = ["EWCPlugin"]
 
@@ -225,19 +224,9 @@ class EWCPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
                     f"Expected argument `importances` to map names to tensors or ParamData but "
                     f"{name!r} maps to {type(value).__name__}"
                 )
-            dtype = storage_dtype(param.dtype)
-            fisher[name] = tensor.detach().to(device=param.device, dtype=dtype, copy=True)
-            anchor[name] = param.detach().to(dtype=dtype, copy=True)
-        new_state = self.reg.state.with_task(
-            fisher,
-            anchor,
-            mode=self.reg.mode,
-            decay_factor=self.reg.decay_factor,
-            keep_history=self.reg.keep_importance_data,
-        )
-        state_dict = self.reg.state_dict()
-        state_dict["state"] = new_state.state_dict()
-        self.reg.load_state_dict(state_dict)
+            fisher[name] = tensor.to(param.device)
+            anchor[name] = param
+        self.reg.add_task(fisher, anchor)
 
     # ------------------------------------------------------------------ Avalanche's views
     @property

@@ -375,3 +375,34 @@ def test_batched_report_counts_batches():
         model(), data(n=10, batch=4), nn.CrossEntropyLoss()
     )
     assert (report.examples, report.batches) == (10, 3)
+
+
+def test_add_task_equals_consolidate_and_validates():
+    net = model()
+    via_consolidate = EWC(1.0, fisher="empirical")
+    via_consolidate.consolidate(net, data(), nn.CrossEntropyLoss())
+    direct = EWC(1.0)
+    direct.add_task(dict(via_consolidate.state.importance), dict(net.named_parameters()))
+    for name in via_consolidate.state.importance:
+        assert torch.equal(direct.state.importance[name], via_consolidate.state.importance[name])
+        assert torch.equal(direct.state.centre[name], via_consolidate.state.centre[name])
+    before = snapshot(direct)
+    with pytest.raises(ValueError, match="same parameters"):
+        direct.add_task({"0.weight": torch.ones(5, 4)}, {})
+    with pytest.raises(ValueError, match=r"'0.bias'.*shape \(2,\).*\(5,\)"):
+        direct.add_task({"0.bias": torch.ones(2)}, {"0.bias": torch.ones(5)})
+    with pytest.raises(ValueError, match="'0.bias'.*negative"):
+        direct.add_task({"0.bias": -torch.ones(5)}, {"0.bias": torch.ones(5)})
+    assert snapshot(direct) == before
+
+
+def test_penalty_grad_skips_parameters_frozen_since_consolidation():
+    reg, net = consolidated()
+    net[0].requires_grad_(False)
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+        net[2].weight.add_(1.0)
+    reg.penalty_grad_(net)
+    assert net[0].weight.grad is None
+    expected = torch.autograd.grad(reg.penalty(net), net[2].weight)[0]
+    torch.testing.assert_close(net[2].weight.grad, expected)

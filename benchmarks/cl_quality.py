@@ -75,7 +75,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "perm_lambdas": [10.0**k for k in range(6)],
     },
     "quick": {
-        "seeds": 2,
+        "seeds": 3,
         "lambdas": [1.0, 1e2, 1e4, 1e6, 1e8, 1e10, 1e12],
         "epochs": 8,
         "perm_seeds": 2,

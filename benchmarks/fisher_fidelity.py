@@ -40,7 +40,7 @@ __all__ = ["run"]
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "full": {"examples": 1024, "repeats": 7, "models": ("mlp", "cnn")},
-    "quick": {"examples": 256, "repeats": 3, "models": ("mlp", "cnn")},
+    "quick": {"examples": 512, "repeats": 5, "models": ("mlp", "cnn")},
     "smoke": {"examples": 8, "repeats": 1, "models": ("mlp",)},
 }
 BATCH = 64

@@ -15,5 +15,12 @@ from ewc._per_sample.engine import (
     SquaredGradSums,
     squared_grad_sums,
 )
+from ewc._per_sample.rules.registry import register_rule
 
-__all__ = ["DEFAULT_MEMORY_BUDGET_BYTES", "SquaredGradSums", "rules", "squared_grad_sums"]
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET_BYTES",
+    "SquaredGradSums",
+    "register_rule",
+    "rules",
+    "squared_grad_sums",
+]

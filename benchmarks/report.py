@@ -1,0 +1,125 @@
+"""Turn a run's ``results.json`` into the README's Markdown tables and copy its two key plots.
+
+python benchmarks/report.py                       # reads benchmarks/results/
+python benchmarks/report.py --results /tmp/bench --figures benchmarks/figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+__all__ = ["main", "markdown"]
+
+FIGURES = ("penalty_cost.png", "quality_split_digits.png")
+
+# table -> (columns, heading)
+SHOWN: dict[str, tuple[tuple[str, ...], str]] = {
+    "penalty_overhead_headline": (
+        ("tasks", "method", "ms_per_step", "overhead_%", "target"),
+        "Penalty overhead at 20 tasks (784-1000-1000-10 MLP, batch 128)",
+    ),
+    "penalty_cost": (
+        (),  # pivoted, see _penalty_pivot
+        "Penalty cost vs number of tasks: step time / plain forward+backward, and state size",
+    ),
+    "fisher_fidelity": (
+        (
+            "model",
+            "method",
+            "examples_per_s",
+            "time_vs_avalanche",
+            "rel_err_vs_exact",
+            "rel_err_vs_own_definition",
+        ),
+        "Fisher cost and fidelity (digits, 8x8)",
+    ),
+    "fisher_speed": (
+        ("model", "estimator", "seconds", "ratio_vs_avalanche"),
+        "Fisher speed vs Avalanche (benchmarks/fisher_speed.py)",
+    ),
+    "quality_split_digits": (
+        ("method", "best_accuracy_%", "se", "best_lambda", "consolidation_s_per_task"),
+        "Split Digits (task-incremental, online EWC)",
+    ),
+    "quality_permuted_digits": (
+        ("method", "best_accuracy_%", "se", "best_lambda"),
+        "Permuted Digits (domain-incremental, 10 tasks)",
+    ),
+    "quality_vs_published_split_mnist": (
+        ("estimator", "ours_split_digits_%", "paper_split_MNIST_%"),
+        "Ours (Split Digits) beside the published Split MNIST numbers (a different dataset)",
+    ),
+}
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        if value == 0.0 or 1e-2 <= abs(value) < 1e5:
+            return f"{value:.3g}" if abs(value) < 100 else f"{value:.1f}"
+        return f"{value:.2g}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A GitHub Markdown table of ``columns`` (those present) from ``rows``."""
+    columns = [c for c in columns if any(c in r for r in rows)]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _penalty_pivot(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per task count: each method's step-time ratio, then the state sizes."""
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "step"]
+    pivot = []
+    for tasks in dict.fromkeys(r["tasks"] for r in rows):
+        mine = {r["method"]: r for r in rows if r["tasks"] == tasks}
+        row: dict[str, Any] = {"tasks": tasks}
+        for method in methods:
+            if method in mine:
+                row[f"{method} ×"] = 1 + mine[method]["overhead_vs_step"]
+        for method in ("ewc.penalty_grad_", "avalanche", "naive"):
+            if method in mine:
+                row[f"{method.split('.')[0]} MiB"] = mine[method]["state_MB"]
+        pivot.append(row)
+    return pivot, list(pivot[0]) if pivot else []
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    """Print the Markdown for every table in the results and copy the plots."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--figures", type=Path, default=ROOT / "benchmarks" / "figures")
+    args = parser.parse_args(argv)
+    results = json.loads((args.results / "results.json").read_text())
+    parts = [
+        f"_mode: {results['mode']}, torch {results['torch']}, {results['threads']} thread(s), "
+        f"{results['seconds'] / 60:.1f} min_"
+    ]
+    for table, (columns, heading) in SHOWN.items():
+        rows = results["tables"].get(table)
+        if rows and table == "penalty_cost":
+            rows, columns = _penalty_pivot(rows)
+        if rows:
+            parts.append(f"**{heading}**\n\n{markdown(rows, columns)}")
+    args.figures.mkdir(parents=True, exist_ok=True)
+    for name in FIGURES:
+        if (args.results / name).exists():
+            shutil.copyfile(args.results / name, args.figures / name)
+    text = "\n\n".join(parts)
+    sys.stdout.write(text + "\n")
+    return text
+
+
+if __name__ == "__main__":
+    main()

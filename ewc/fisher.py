@@ -154,10 +154,12 @@ def fisher_sums(
             result = squared_grad_sums(model, params, batch, _checked(forward), make_signals)
             sums, seen = result.sums, result.examples
             paths.update(result.paths)
+            del result
             count += seen
         examples += seen
         for name, total in accumulated.items():
             total.add_(sums[name])
+        del sums
         if on_batch is not None:
             on_batch(seen)
     if examples == 0:
@@ -319,7 +321,14 @@ def gaussian_sample_signals(output: Tensor, mc_samples: int) -> Tensor:
 
 def per_example_loss_grads(criterion: Criterion, output: Tensor, target: Any) -> Tensor:
     """``d criterion(f(x_n)[None], y_n[None]) / d f(x_n)`` for every example: the criterion applied
-    to a batch of one, so its reduction does not matter. Uses ``vmap``; loops if that fails."""
+    to a batch of one, so its reduction does not matter.
+
+    Closed forms for the common criteria (see :func:`_closed_form_loss_grads`); otherwise
+    ``vmap(grad(criterion))`` over examples, and a loop over examples if that fails."""
+    closed = _closed_form_loss_grads(criterion, output, target)
+    if closed is not None:
+        _check_finite(closed, "per-example loss gradient")
+        return closed.to(output.dtype)
 
     def loss_of_one(out: Tensor, tgt: Any) -> Tensor:
         return criterion(out.unsqueeze(0), tgt.unsqueeze(0) if isinstance(tgt, Tensor) else tgt)
@@ -339,6 +348,51 @@ def per_example_loss_grads(criterion: Criterion, output: Tensor, target: Any) ->
         grads = torch.cat(rows)
     _check_finite(grads, "per-example loss gradient")
     return grads.to(output.dtype)
+
+
+def _closed_form_loss_grads(criterion: Criterion, output: Tensor, target: Any) -> Tensor | None:
+    """Per-example output gradients of the default-configured common criteria, or None.
+
+    * cross-entropy on logits ``(n, C)`` with class indices: ``softmax(o) - e_y``;
+    * NLL on log-probabilities ``(n, C)``: ``-e_y``;
+    * MSE (``mean``/``sum``): ``2 (o - y) / d`` with ``d`` the elements per example (1 for sum).
+
+    Class weights, label smoothing, ignored targets or other layouts return None (generic path).
+    Cost: O(n C), against a ``vmap`` of the criterion's autograd.
+    """
+    if not isinstance(target, Tensor) or output.dim() < 1:
+        return None
+    rows = torch.arange(output.shape[0], device=output.device)
+    if isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss)) or criterion in (
+        F.cross_entropy,
+        F.nll_loss,
+    ):
+        if isinstance(criterion, nn.CrossEntropyLoss) and criterion.label_smoothing != 0.0:
+            return None
+        weight = getattr(criterion, "weight", None)
+        ignore_index = getattr(criterion, "ignore_index", -100)
+        if (
+            weight is not None
+            or output.dim() != 2
+            or target.shape != output.shape[:1]
+            or target.dtype not in (torch.int64, torch.int32)
+            or bool((target == ignore_index).any())
+        ):
+            return None
+        is_cross_entropy = (
+            isinstance(criterion, nn.CrossEntropyLoss) or criterion is F.cross_entropy
+        )
+        widened = _widened(output)
+        grads = torch.softmax(widened, dim=-1) if is_cross_entropy else torch.zeros_like(widened)
+        grads[rows, target.long()] -= 1.0
+        return grads
+    if isinstance(criterion, nn.MSELoss) or criterion is F.mse_loss:
+        reduction = getattr(criterion, "reduction", "mean")
+        if reduction not in ("mean", "sum") or target.shape != output.shape:
+            return None
+        per_example = output[0].numel() if reduction == "mean" else 1
+        return 2.0 * (_widened(output) - target) / per_example
+    return None
 
 
 def _warn_signal_count(count: int) -> None:

@@ -265,3 +265,45 @@ def test_bfloat16_model_keeps_float32_fisher():
         assert error < 0.05, (name, float(error))
     penalty = reg.penalty(model.to(torch.bfloat16))
     assert penalty.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "criterion, target_kind",
+    [
+        (nn.CrossEntropyLoss(), "classes"),
+        (nn.CrossEntropyLoss(reduction="sum"), "classes"),
+        (nn.functional.cross_entropy, "classes"),
+        (nn.NLLLoss(), "classes"),
+        (nn.MSELoss(), "values"),
+        (nn.MSELoss(reduction="sum"), "values"),
+        (nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)), "classes"),
+        (nn.CrossEntropyLoss(label_smoothing=0.1), "classes"),
+    ],
+    ids=["ce", "ce-sum", "f.ce", "nll", "mse", "mse-sum", "ce-weighted", "ce-smoothing"],
+)
+def test_per_example_loss_gradients_equal_the_generic_path(criterion, target_kind):
+    from ewc.fisher import _closed_form_loss_grads, per_example_loss_grads
+
+    generator = torch.Generator().manual_seed(0)
+    output = torch.randn(6, 3, generator=generator, dtype=torch.float64)
+    if isinstance(criterion, nn.NLLLoss):
+        output = torch.log_softmax(output, dim=-1)
+    target = (
+        torch.randint(0, 3, (6,), generator=generator)
+        if target_kind == "classes"
+        else torch.randn(6, 3, generator=generator, dtype=torch.float64)
+    )
+    fast = per_example_loss_grads(criterion, output, target)
+    generic = per_example_loss_grads(lambda o, t: criterion(o, t), output, target)  # not recognised
+    torch.testing.assert_close(fast, generic, rtol=1e-12, atol=1e-12)
+    configured = getattr(criterion, "weight", None) is not None or getattr(
+        criterion, "label_smoothing", 0.0
+    )
+    assert (_closed_form_loss_grads(criterion, output, target) is None) == bool(configured)
+
+
+def test_ignored_targets_take_the_generic_path():
+    from ewc.fisher import _closed_form_loss_grads
+
+    output, target = torch.randn(4, 3), torch.tensor([0, -100, 2, 1])
+    assert _closed_form_loss_grads(nn.CrossEntropyLoss(), output, target) is None

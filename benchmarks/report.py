@@ -60,13 +60,19 @@ SHOWN: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, column: str = "") -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
-        if value == 0.0 or 1e-2 <= abs(value) < 1e5:
-            return f"{value:.3g}" if abs(value) < 100 else f"{value:.1f}"
-        return f"{value:.2g}"
+        if "lambda" in column:
+            return f"{value:.0e}".replace("e+0", "e") if value else "–"
+        if value == 0.0:
+            return "0"
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        if abs(value) >= 10:
+            return f"{value:.2f}"
+        return f"{value:.3g}" if abs(value) >= 1e-3 else f"{value:.1e}"
     return str(value).replace("|", "\\|")
 
 
@@ -74,7 +80,7 @@ def markdown(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """A GitHub Markdown table of ``columns`` (those present) from ``rows``."""
     columns = [c for c in columns if any(c in r for r in rows)]
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(r.get(c), c) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 

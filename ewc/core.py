@@ -211,7 +211,7 @@ class EWC:
             name: _distributed.local_tensor(p.detach()).to(storage_dtype(p.dtype), copy=True)
             for name, p in params.items()
         }
-        self.add_task(fisher, anchor)
+        self._add_checked_task(fisher, anchor)
         return ConsolidationReport(
             examples=sums.examples,
             batches=sums.batches,
@@ -256,10 +256,14 @@ class EWC:
             checked_anchor[name] = (
                 anchor[name].detach().to(device=value.device, dtype=dtype, copy=True)
             )
+        self._add_checked_task(checked_fisher, checked_anchor)
+
+    def _add_checked_task(self, fisher: Mapping[str, Tensor], anchor: Mapping[str, Tensor]) -> None:
+        """Fold a validated ``(F, a)`` that this object owns (no copies) into a new state."""
         self._set_state(
             self._state.with_task(
-                checked_fisher,
-                checked_anchor,
+                fisher,
+                anchor,
                 mode=self.mode,
                 decay_factor=self.decay_factor,
                 keep_history=self.keep_importance_data,

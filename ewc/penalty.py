@@ -55,21 +55,21 @@ def merge_separate(
     """Add one task ``(F, a)`` to the collapsed quadratic ``(A, m)`` of one parameter.
 
     ``A' = A + F``; ``m' = (A m + F a) / A'`` (``m' = a`` where ``A' == 0``); and the increase of
-    the constant, in the stable form ``sum (A F / A') (m - a)^2``. Computed in float64, returned
-    in the dtype of ``importance``. ``importance``/``centre`` must already be padded to the shape
-    of ``fisher``. Cost: O(P) time, a few O(P) float64 temporaries.
+    the constant in the stable form ``sum (A F / A') (m - a)^2``, never as a difference of large
+    sums. Elementwise work runs in the state's dtype (float32 or wider); the constant is summed
+    in float64. ``importance``/``centre`` must already be padded to ``fisher``'s shape.
+    Cost: O(P) time, a few O(P) temporaries.
 
     Returns:
         ``(A', m', delta_r)`` with ``delta_r`` a float64 scalar tensor.
     """
-    a64, m64 = importance.double(), centre.double()
-    f64, anchor64 = fisher.double(), anchor.double()
-    merged = a64 + f64
+    merged = importance + fisher
     positive = merged > 0
-    safe = torch.where(positive, merged, torch.ones_like(merged))
-    new_centre = torch.where(positive, (a64 * m64 + f64 * anchor64) / safe, anchor64)
-    delta_r = torch.where(positive, a64 * f64 / safe * (m64 - anchor64).square(), 0.0).sum()
-    return merged.to(importance.dtype), new_centre.to(centre.dtype), delta_r
+    # Where A' == 0 the quotients are 0/0; torch.where discards those entries.
+    new_centre = torch.where(positive, (importance * centre + fisher * anchor) / merged, anchor)
+    weight = torch.where(positive, importance * fisher / merged, 0.0)
+    delta_r = (weight * (centre - anchor).square()).sum(dtype=torch.float64)
+    return merged, new_centre, delta_r
 
 
 def merge_online(importance: Tensor, fisher: Tensor, decay_factor: float) -> Tensor:

@@ -17,7 +17,7 @@ from ewc import distributed as _distributed
 from ewc import fisher as fisher_lib
 from ewc._typing import Batch, Criterion, ForwardFn, ParamSelector
 from ewc.errors import ConsolidationError, ParameterMismatchError, StateDictError
-from ewc.penalty import add_penalty_grad_, overlap
+from ewc.penalty import CPU_BLOCK_ELEMENTS, add_penalty_grad_, overlap
 from ewc.store import FORMAT_NAME, FORMAT_VERSION, ConsolidatedState, storage_dtype
 
 __all__ = ["EWC", "ConsolidationReport"]
@@ -348,22 +348,39 @@ class EWC:
         if self._state.tasks == 0 or self.ewc_lambda == 0.0:
             return
         aligned = self._aligned(model)
-        grads, params, importances, centres, workspace = [], [], [], [], []
-        for name, param, importance, centre in aligned:
+        grads, params, importances, centres = [], [], [], []
+        for _, param, importance, centre in aligned:
             if not param.requires_grad:  # frozen since: autograd of penalty() gives it no grad
                 continue
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-            block = overlap(importance.shape)
-            grads.append(_distributed.local_tensor(param.grad)[block])
-            params.append(_distributed.local_tensor(param.detach())[block])
+            grad, value = _distributed.local_tensor(param.grad), _distributed.local_tensor(param)
+            if grad.shape != importance.shape:  # grown since: penalise the consolidated block
+                grad, value = grad[overlap(importance.shape)], value[overlap(importance.shape)]
+            grads.append(grad)
+            params.append(value.detach())
             importances.append(importance)
             centres.append(centre)
-            work = self._workspace.get(name)
-            if work is None or work.shape != importance.shape or work.device != importance.device:
-                work = self._workspace[name] = torch.empty_like(importance)
-            workspace.append(work)
-        add_penalty_grad_(grads, params, importances, centres, workspace, self.ewc_lambda)
+        add_penalty_grad_(
+            grads,
+            params,
+            importances,
+            centres,
+            self.ewc_lambda,
+            workspace=self._penalty_workspace(importances),
+        )
+
+    def _penalty_workspace(self, importances: list[Tensor]) -> Tensor | None:
+        """One reusable CPU buffer of ``min(block, largest numel)`` elements (see
+        :func:`ewc.penalty.add_penalty_grad_`); None when the state is not on the CPU."""
+        if not importances or importances[0].device.type != "cpu":
+            return None
+        dtype = importances[0].dtype
+        size = min(CPU_BLOCK_ELEMENTS, max(t.numel() for t in importances))
+        work = self._workspace.get(str(dtype))
+        if work is None or work.numel() < size:
+            work = self._workspace[str(dtype)] = torch.empty(size, dtype=dtype)
+        return work
 
     # ------------------------------------------------------------------ (de)serialisation
     def state_dict(self) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "CPU_BLOCK_ELEMENTS",
     "add_penalty_grad_",
     "merge_online",
     "merge_separate",
@@ -103,32 +104,58 @@ def penalty_value(
     return ewc_lambda * (value + offset.to(device=value.device, dtype=value.dtype))
 
 
+CPU_BLOCK_ELEMENTS = 1 << 19
+"""Elements per block on CPU: blocks of theta, m, A and the gradient (2 MiB each in float32) stay
+in cache between the two kernels, so ``theta - m`` never travels to memory and back."""
+
+
 def add_penalty_grad_(
     grads: Sequence[Tensor],
     params: Sequence[Tensor],
     importances: Sequence[Tensor],
     centres: Sequence[Tensor],
-    workspace: Sequence[Tensor],
     ewc_lambda: float,
+    *,
+    workspace: Tensor | None = None,
+    block_elements: int = CPU_BLOCK_ELEMENTS,
 ) -> None:
     """In place, ``grad += 2 * ewc_lambda * A * (theta - m)`` for aligned lists, no autograd.
 
-    ``grads[k]``/``params[k]`` are the leading blocks matching ``importances[k]``; ``workspace``
-    holds preallocated buffers of the same shapes and dtypes as ``importances`` so nothing
-    parameter-sized is allocated per call. Two passes: ``workspace = theta - m`` (``out=``, one
-    kernel per tensor), then one fused multi-tensor ``grad += 2 lambda A workspace``
-    (``torch._foreach_addcmul_``). Seven memory passes over P in all, and the difference is taken
-    before multiplying, so there is no cancellation when theta is close to m. Gradients whose
-    dtype differs from the state's (a bfloat16 model) are updated per tensor. Cost: O(P).
+    ``grads[k]``/``params[k]`` are the leading blocks matching ``importances[k]``. The difference
+    is taken before multiplying, so there is no cancellation when theta is close to m.
+
+    * CPU: per block of ``block_elements``, ``workspace = theta - m`` (``out=``) then
+      ``grad += 2 lambda A workspace`` (``addcmul_``) while the block is still in cache: memory
+      traffic of one fused pass (read theta, m, A, grad; write grad), no allocation.
+      ``workspace`` is a 1-D buffer of at least ``min(block_elements, largest numel)`` elements
+      in the state's dtype; without one (or for non-contiguous blocks of grown parameters, or a
+      gradient dtype other than the state's, e.g. bfloat16) the tensor is done unblocked.
+    * Other devices: two fused multi-tensor kernels (``torch._foreach_sub``,
+      ``torch._foreach_addcmul_``); the temporaries come from the caching allocator.
+
+    Cost: O(P) time; O(block) extra memory on CPU.
     """
     if not grads:
         return
-    for work, param, centre in zip(workspace, params, centres):
-        torch.sub(param, centre, out=work)
     scale = 2.0 * ewc_lambda
-    if all(grad.dtype == work.dtype for grad, work in zip(grads, workspace)):
-        torch._foreach_addcmul_(list(grads), list(importances), list(workspace), value=scale)
+    same_dtype = all(grad.dtype == a.dtype for grad, a in zip(grads, importances))
+    if grads[0].device.type != "cpu" and same_dtype:
+        differences = torch._foreach_sub(list(params), list(centres))
+        torch._foreach_addcmul_(list(grads), list(importances), differences, value=scale)
         return
-    for grad, importance, work in zip(grads, importances, workspace):
-        work.mul_(importance)
-        grad.add_(work.to(grad.dtype), alpha=scale)
+    for grad, param, importance, centre in zip(grads, params, importances, centres):
+        blockable = (
+            grad.dtype == importance.dtype and grad.is_contiguous() and param.is_contiguous()
+        )
+        if workspace is None or workspace.dtype != importance.dtype or not blockable:
+            difference = torch.sub(param, centre).mul_(importance)
+            grad.add_(difference.to(grad.dtype), alpha=scale)
+            continue
+        flat_grad, flat_param = grad.view(-1), param.view(-1)
+        flat_importance, flat_centre = importance.view(-1), centre.view(-1)
+        size = flat_grad.numel()
+        for start in range(0, size, block_elements):
+            stop = min(size, start + block_elements)
+            work = workspace[: stop - start]
+            torch.sub(flat_param[start:stop], flat_centre[start:stop], out=work)
+            flat_grad[start:stop].addcmul_(flat_importance[start:stop], work, value=scale)

@@ -24,7 +24,12 @@ from typing import cast
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ewc._per_sample.rules.registry import accumulator_dtype, chunk_size, register_rule
+from ewc._per_sample.rules.registry import (
+    accumulator_dtype,
+    chunk_size,
+    register_rule,
+    single_batched_input,
+)
 from ewc._typing import TensorDict
 
 __all__ = ["conv_padding", "conv_rule", "unfold_input"]
@@ -34,12 +39,7 @@ _Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 
 def _supports(module: nn.Module, inputs: tuple[Tensor, ...], batch_size: int) -> bool:
     spatial = len(cast(_Conv, module).kernel_size)
-    return (
-        len(inputs) == 1
-        and isinstance(inputs[0], Tensor)
-        and inputs[0].dim() == spatial + 2
-        and inputs[0].shape[0] == batch_size
-    )
+    return single_batched_input(inputs, batch_size, spatial + 2) and inputs[0].dim() == spatial + 2
 
 
 def conv_padding(conv: _Conv) -> list[int]:

@@ -18,7 +18,7 @@ from collections.abc import Collection
 import torch
 from torch import Tensor, nn
 
-from ewc._per_sample.rules.registry import accumulator_dtype, register_rule
+from ewc._per_sample.rules.registry import accumulator_dtype, register_rule, single_batched_input
 from ewc._typing import TensorDict
 
 __all__ = ["embedding_rule"]
@@ -26,10 +26,7 @@ __all__ = ["embedding_rule"]
 
 def _supports(module: nn.Module, inputs: tuple[Tensor, ...], batch_size: int) -> bool:
     return (
-        len(inputs) == 1
-        and isinstance(inputs[0], Tensor)
-        and inputs[0].dim() >= 1
-        and inputs[0].shape[0] == batch_size
+        single_batched_input(inputs, batch_size, 1)
         and module.max_norm is None
         and not module.scale_grad_by_freq
     )

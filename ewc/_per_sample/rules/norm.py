@@ -21,7 +21,7 @@ from typing import cast
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ewc._per_sample.rules.registry import accumulator_dtype, register_rule
+from ewc._per_sample.rules.registry import accumulator_dtype, register_rule, single_batched_input
 from ewc._typing import TensorDict
 
 __all__ = ["batch_norm_rule", "group_norm_rule", "layer_norm_rule"]
@@ -50,12 +50,8 @@ def _affine(
 
 
 def _layer_norm_supports(module: nn.Module, inputs: tuple[Tensor, ...], batch_size: int) -> bool:
-    return (
-        len(inputs) == 1
-        and isinstance(inputs[0], Tensor)
-        and inputs[0].dim() > len(cast(nn.LayerNorm, module).normalized_shape)
-        and inputs[0].shape[0] == batch_size
-    )
+    normalized = len(cast(nn.LayerNorm, module).normalized_shape)
+    return single_batched_input(inputs, batch_size, normalized + 1)
 
 
 @register_rule(nn.LayerNorm, supports=_layer_norm_supports)
@@ -91,12 +87,7 @@ if hasattr(nn, "RMSNorm"):
 
 
 def _channel_supports(module: nn.Module, inputs: tuple[Tensor, ...], batch_size: int) -> bool:
-    return (
-        len(inputs) == 1
-        and isinstance(inputs[0], Tensor)
-        and inputs[0].dim() >= 2
-        and inputs[0].shape[0] == batch_size
-    )
+    return single_batched_input(inputs, batch_size, 2)
 
 
 @register_rule(nn.GroupNorm, supports=_channel_supports)

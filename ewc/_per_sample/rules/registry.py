@@ -27,6 +27,7 @@ __all__ = [
     "chunk_size",
     "register_rule",
     "rule_for",
+    "single_batched_input",
 ]
 
 RuleFn = Callable[[nn.Module, tuple[Tensor, ...], Tensor, Collection[str], int], TensorDict]
@@ -60,6 +61,17 @@ class LayerRule:
 
 RULES: dict[type[nn.Module], LayerRule] = {}
 """Registered rules by exact module type (a subclass may override ``forward``, so it gets none)."""
+
+
+def single_batched_input(inputs: tuple[Tensor, ...], batch_size: int, min_dim: int) -> bool:
+    """One tensor input of rank >= ``min_dim`` with the examples along dim 0 (a rule's common
+    precondition)."""
+    return (
+        len(inputs) == 1
+        and isinstance(inputs[0], Tensor)
+        and inputs[0].dim() >= min_dim
+        and inputs[0].shape[0] == batch_size
+    )
 
 
 def _batched_along_dim0(module: nn.Module, inputs: tuple[Tensor, ...], batch_size: int) -> bool:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.distributed import torchvision_shim
+from tests import torchvision_shim
 
 torchvision_shim.apply()
 

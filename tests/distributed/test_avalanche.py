@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ewc import EWC
-from tests.distributed import torchvision_shim
+from tests import torchvision_shim
 from tests.distributed.common import WORLD_SIZE
 
 pytestmark = pytest.mark.distributed

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ewc import EWC
-from tests.distributed import torchvision_shim
+from tests import torchvision_shim
 from tests.distributed.common import WORLD_SIZE, make_model
 
 pytestmark = pytest.mark.distributed

@@ -8,39 +8,13 @@ registers fake (meta) kernels for them ("operator torchvision::nms does not exis
 two operator *schemas* (no kernels) with ``torch.library`` before anything imports torchvision lets
 the import succeed. Nothing in these tests calls those operators.
 
-The shim is applied only when torch has no CUDA and the operators are missing, and only here: it is
-never part of the ``ewc`` package.
+The shim lives in ``tests/torchvision_shim.py`` (the distributed tests' spawned workers use it
+too); it acts only when torch has no CUDA and the operators are missing, and it is never part of
+the ``ewc`` package.
 """
 
 from __future__ import annotations
 
-import torch
+from tests import torchvision_shim
 
-_TORCHVISION_SCHEMAS = {
-    "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-}
-
-
-def _operator_exists(name: str) -> bool:
-    try:
-        getattr(torch.ops.torchvision, name)
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
-def _define_missing_torchvision_schemas() -> torch.library.Library | None:
-    if torch.cuda.is_available():
-        return None
-    missing = [name for name in _TORCHVISION_SCHEMAS if not _operator_exists(name)]
-    if not missing:
-        return None
-    library = torch.library.Library("torchvision", "FRAGMENT")
-    for name in missing:
-        library.define(_TORCHVISION_SCHEMAS[name])
-    return library
-
-
-# Kept referenced for the whole session: a garbage-collected Library removes its definitions.
-_TORCHVISION_SHIM = _define_missing_torchvision_schemas()
+torchvision_shim.apply()  # before any test module imports lightning or avalanche

@@ -133,7 +133,7 @@ def test_nan_in_the_data_fails_cleanly(estimator):
     before = snapshot(reg)
     bad = data(seed=1)
     bad[1][0][0, 0] = math.nan
-    with pytest.raises(ConsolidationError, match="NaN or infinite.*unchanged"):
+    with pytest.raises(ConsolidationError, match=r"NaN or infinite.*unchanged"):
         reg.consolidate(net, bad, nn.CrossEntropyLoss())
     assert snapshot(reg) == before
 
@@ -293,7 +293,7 @@ def test_state_dict_round_trips_bit_exactly_through_torch_save(tmp_path, mode, d
 
 
 def test_loading_does_not_alias_the_source_dict():
-    reg, net = consolidated()
+    reg, _ = consolidated()
     saved = reg.state_dict()
     clone = EWC(1.0)
     clone.load_state_dict(saved)
@@ -353,7 +353,7 @@ def damaged(key_path: tuple, value) -> dict:
     ],
 )
 def test_foreign_or_damaged_state_dicts_are_rejected_and_lose_nothing(state, fragment):
-    reg, net = consolidated(seed=5)
+    reg, _ = consolidated(seed=5)
     before = snapshot(reg)
     with pytest.raises(StateDictError, match=fragment):
         reg.load_state_dict(state)
@@ -391,7 +391,7 @@ def test_add_task_equals_consolidate_and_validates():
         direct.add_task({"0.weight": torch.ones(5, 4)}, {})
     with pytest.raises(ValueError, match=r"'0.bias'.*shape \(2,\).*\(5,\)"):
         direct.add_task({"0.bias": torch.ones(2)}, {"0.bias": torch.ones(5)})
-    with pytest.raises(ValueError, match="'0.bias'.*negative"):
+    with pytest.raises(ValueError, match=r"'0.bias'.*negative"):
         direct.add_task({"0.bias": -torch.ones(5)}, {"0.bias": torch.ones(5)})
     assert snapshot(direct) == before
 

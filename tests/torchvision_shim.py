@@ -1,4 +1,4 @@
-"""Make ``import torchvision`` work in spawned workers of the CPU-only test environment.
+"""Test-only shim: make ``import torchvision`` work with the CPU-only torch of the test environment.
 
 Lightning and Avalanche import torchvision. The torchvision wheel here is built for a CUDA torch,
 so with the CPU-only torch its compiled extension does not load and its ``torchvision::nms`` /
@@ -6,9 +6,10 @@ so with the CPU-only torch its compiled extension does not load and its ``torchv
 registers fake kernels for them ("operator torchvision::nms does not exist"). Defining the two
 operator *schemas* (no kernels) before the import fixes that; nothing here calls them.
 
-``tests/integration/conftest.py`` does the same for the test process; spawned or
-subprocess-launched workers start from scratch, so they call :func:`apply` before importing
-lightning or avalanche. Test-only: never part of the ``ewc`` package.
+``tests/integration/conftest.py`` calls :func:`apply` for the test process; spawned or
+subprocess-launched workers (``tests/distributed``) start from scratch, so they call it before
+importing lightning or avalanche. It only acts when torch has no CUDA and the operators are
+missing. Test-only: never part of the ``ewc`` package.
 """
 
 from __future__ import annotations

@@ -134,12 +134,7 @@ def fisher_sums(
             "nn.CrossEntropyLoss/nn.NLLLoss (categorical) or nn.MSELoss (Gaussian); got "
             f"criterion={criterion!r}. Use fisher='empirical' for any other criterion."
         )
-    accumulated = {
-        name: torch.zeros(
-            p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=p.device
-        )
-        for name, p in params.items()
-    }
+    accumulated: TensorDict = {}  # the first batch's fresh sums become the accumulators
     count = examples = batch_count = 0
     paths: dict[str, str] = {}
     for batch in _limited(batches, max_samples):
@@ -157,15 +152,20 @@ def fisher_sums(
             del result
             count += seen
         examples += seen
-        for name, total in accumulated.items():
-            total.add_(sums[name])
+        if accumulated:
+            for name, total in accumulated.items():
+                total.add_(sums[name])
+        else:
+            accumulated = dict(sums)
         del sums
         if on_batch is not None:
             on_batch(seen)
     if examples == 0:
         raise ConsolidationError("the dataloader yielded no examples; nothing to consolidate")
     for name, total in accumulated.items():
-        if not torch.isfinite(total).all():
+        # Entries are sums of squares (>= 0): their total is finite iff every entry is, and one
+        # reduction is cheaper than an elementwise isfinite over P.
+        if not torch.isfinite(total.sum()):
             raise ConsolidationError(
                 f"the Fisher of parameter {name!r} is NaN or infinite (the loss or a gradient "
                 "overflowed); the consolidated state is unchanged"

@@ -59,6 +59,7 @@ __all__ = [
     "is_sharded",
     "local_tensor",
     "penalty_value",
+    "sum_over_shards",
     "unwrap",
 ]
 
@@ -324,6 +325,18 @@ def penalty_value(
     for group in groups:
         dist.all_reduce(total, group=group)
     return local + (total - local).detach()
+
+
+def sum_over_shards(value: Tensor, params: Sequence[Tensor]) -> Tensor:
+    """``value`` summed over the FSDP2 shards of ``params``; ``value`` itself for plain ones.
+
+    One scalar ``all_reduce`` per sharding dimension; no autograd (for logged values)."""
+    if not any(is_sharded(p) for p in params):
+        return value
+    total = value.detach().clone()
+    for group in _shard_groups(params):
+        dist.all_reduce(total, group=group)
+    return total
 
 
 def _shard_groups(params: Sequence[Tensor]) -> list[Any]:

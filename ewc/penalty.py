@@ -118,7 +118,8 @@ def add_penalty_grad_(
     *,
     workspace: Tensor | None = None,
     block_elements: int = CPU_BLOCK_ELEMENTS,
-) -> None:
+    return_quadratic: bool = False,
+) -> Tensor | None:
     """In place, ``grad += 2 * ewc_lambda * A * (theta - m)`` for aligned lists, no autograd.
 
     ``grads[k]``/``params[k]`` are the leading blocks matching ``importances[k]``. The difference
@@ -133,23 +134,35 @@ def add_penalty_grad_(
     * Other devices: two fused multi-tensor kernels (``torch._foreach_sub``,
       ``torch._foreach_addcmul_``); the temporaries come from the caching allocator.
 
+    With ``return_quadratic=True`` it also returns ``sum A (theta - m)^2`` (float64 scalar), taken
+    from the differences already in hand (on CPU while the block is in cache): the penalty's value
+    for logging without a second pass over the parameters.
+
     Cost: O(P) time; O(block) extra memory on CPU.
     """
+    quadratic = torch.zeros((), dtype=torch.float64)
     if not grads:
-        return
+        return quadratic if return_quadratic else None
     scale = 2.0 * ewc_lambda
     same_dtype = all(grad.dtype == a.dtype for grad, a in zip(grads, importances))
     if grads[0].device.type != "cpu" and same_dtype:
         differences = torch._foreach_sub(list(params), list(centres))
         torch._foreach_addcmul_(list(grads), list(importances), differences, value=scale)
-        return
+        if not return_quadratic:
+            return None
+        torch._foreach_mul_(differences, differences)
+        terms = [torch.dot(d.reshape(-1), a.reshape(-1)) for d, a in zip(differences, importances)]
+        return torch.stack(terms).sum(dtype=torch.float64)
     for grad, param, importance, centre in zip(grads, params, importances, centres):
         blockable = (
             grad.dtype == importance.dtype and grad.is_contiguous() and param.is_contiguous()
         )
         if workspace is None or workspace.dtype != importance.dtype or not blockable:
-            difference = torch.sub(param, centre).mul_(importance)
-            grad.add_(difference.to(grad.dtype), alpha=scale)
+            difference = torch.sub(param, centre)
+            weighted = difference * importance
+            grad.add_(weighted.to(grad.dtype), alpha=scale)
+            if return_quadratic:
+                quadratic += torch.dot(weighted.reshape(-1), difference.reshape(-1)).double().cpu()
             continue
         flat_grad, flat_param = grad.view(-1), param.view(-1)
         flat_importance, flat_centre = importance.view(-1), centre.view(-1)
@@ -159,3 +172,6 @@ def add_penalty_grad_(
             work = workspace[: stop - start]
             torch.sub(flat_param[start:stop], flat_centre[start:stop], out=work)
             flat_grad[start:stop].addcmul_(flat_importance[start:stop], work, value=scale)
+            if return_quadratic:
+                quadratic += torch.dot(work.square_(), flat_importance[start:stop]).double()
+    return quadratic if return_quadratic else None

@@ -26,7 +26,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-import torch
 from torch.optim import Optimizer
 
 try:
@@ -122,11 +121,9 @@ class EWCCallback(pl.Callback):
         With several optimizers, each optimizer step adds the gradient of every regularised
         parameter of the module, not only of the parameters that optimizer steps.
         """
-        self.reg.penalty_grad_(pl_module)
-        if self.log_penalty:
-            with torch.no_grad():
-                value = self.reg.penalty(pl_module)
-            pl_module.log(self.log_name, value, on_step=True, on_epoch=False)
+        value = self.reg.penalty_grad_(pl_module, return_penalty=self.log_penalty)
+        if value is not None:  # the value comes from the same pass as the gradient
+            pl_module.log(self.log_name, value.float(), on_step=True, on_epoch=False)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Consolidate the task just fitted (skipped if the fit was interrupted)."""

@@ -272,3 +272,54 @@ def test_non_contiguous_blocks_of_grown_parameters_are_handled():
     )
     torch.testing.assert_close(grad[:, :3], 2.0 * importance * (param[:, :3] - centre))
     assert torch.count_nonzero(grad[:, 3:]) == 0
+
+
+def test_penalty_grad_returns_the_penalty_value_from_the_same_pass():
+    generator = torch.Generator().manual_seed(7)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 5))
+    reg = EWC(2.0)
+    assert float(reg.penalty_grad_(net, return_penalty=True)) == 0.0  # nothing consolidated yet
+    for seed in range(3):
+        batch = (
+            torch.randn(6, 3, generator=generator),
+            torch.randint(0, 5, (6,), generator=generator),
+        )
+        reg.consolidate(net, [batch], nn.CrossEntropyLoss())
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    # a grown head and a frozen layer, as after adding classes and freezing a body
+    grown = nn.Linear(4, 7)
+    with torch.no_grad():
+        grown.weight[:5] = net[1].weight
+        grown.bias[:5] = net[1].bias
+    net[1] = grown
+    net[0].requires_grad_(False)
+    expected = reg.penalty(net).double()
+    value = reg.penalty_grad_(net, return_penalty=True)
+    assert value is not None and value.dtype == torch.float64 and not value.requires_grad
+    torch.testing.assert_close(value, expected, rtol=1e-6, atol=0.0)
+    assert reg.penalty_grad_(net) is None
+
+
+@pytest.mark.parametrize("block", [1, 7, 64])
+def test_blocked_quadratic_equals_the_penalty_sum(block):
+    generator = torch.Generator().manual_seed(8)
+    shapes = [(5, 6), (30,)]
+    params = [torch.randn(s, generator=generator, dtype=torch.float64) for s in shapes]
+    importances = [torch.rand(s, generator=generator, dtype=torch.float64) for s in shapes]
+    centres = [torch.randn(s, generator=generator, dtype=torch.float64) for s in shapes]
+    grads = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    workspace = torch.empty(min(block, 30), dtype=torch.float64)
+    quadratic = add_penalty_grad_(
+        grads,
+        params,
+        importances,
+        centres,
+        1.0,
+        workspace=workspace,
+        block_elements=block,
+        return_quadratic=True,
+    )
+    expected = sum((a * (p - m).square()).sum() for p, a, m in zip(params, importances, centres))
+    torch.testing.assert_close(quadratic, expected, rtol=1e-13, atol=0.0)

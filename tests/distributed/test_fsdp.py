@@ -71,7 +71,7 @@ def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
         result["grads_penalty_in_loss"] = _full_grads(model)
         model.zero_grad(set_to_none=True)
         criterion(model(x), y).backward()
-        reg.penalty_grad_(model)
+        result["penalty_from_grad_pass"] = reg.penalty_grad_(model, return_penalty=True)
         result["grads_penalty_grad_"] = _full_grads(model)
 
         # per-rank (sharded) save and load
@@ -123,6 +123,8 @@ def test_penalty_value_and_gradient_equal_the_unsharded_model(
         result = fsdp_results[rank][estimator]
         torch.testing.assert_close(result["penalty"], penalty.detach())
         torch.testing.assert_close(result["restored_penalty"], penalty.detach())
+        # the value penalty_grad_ returns is global too (summed over the shards)
+        torch.testing.assert_close(result["penalty_from_grad_pass"].float(), penalty.detach())
         for got, want in zip(result["penalty_grads"], grads):
             torch.testing.assert_close(got, want)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import statistics
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -187,6 +188,26 @@ CONFIGS = {
 }
 
 
+FLOOR = "floor: one fused kernel"
+"""A lower bound for any penalty-gradient implementation on this machine: one fused multi-tensor
+kernel that reads the gradient, A and theta once and writes the gradient (``grad += c A theta``).
+The real update must also read m, so no implementation can cost less than this."""
+
+
+def _floor_step(model: nn.Module, reg: EWC, step: Callable[[], None]) -> Callable[[], None]:
+    names = [name for name, _ in model.named_parameters() if name in reg.state.importance]
+    params = dict(model.named_parameters())
+    importances = [reg.state.importance[name] for name in names]
+    weights = [params[name].detach() for name in names]
+
+    def floor_step() -> None:
+        step()
+        grads = [params[name].grad for name in names]
+        torch._foreach_addcmul_(grads, importances, weights, value=1e-30)
+
+    return floor_step
+
+
 def run(mode: str, out: Path) -> dict[str, list[Row]]:
     """Time every method at each number of tasks; plot into ``out``; return the tables.
 
@@ -236,6 +257,7 @@ def run(mode: str, out: Path) -> dict[str, list[Row]]:
                 for k, v in built["fns"].items()
                 if k in ("step", "ewc.penalty_grad_", "ewc.penalty")
             }
+            cheap[FLOOR] = _floor_step(methods.model, methods.reg, built["fns"]["step"])
             precise = interleaved_times(cheap, repeats=3 * repeats, inner=5)
         del built
     _plot(rows, out / "penalty_cost.png", sizes)
@@ -255,6 +277,17 @@ def run(mode: str, out: Path) -> dict[str, list[Row]]:
                 ),
                 "repeats": len(samples) if samples else repeats,
                 "target": "<= 8%" if r["method"] == "ewc.penalty_grad_" else "",
+            }
+        )
+    if FLOOR in precise:
+        headline.append(
+            {
+                "tasks": headline_at,
+                "method": FLOOR,
+                "ms_per_step": 1e3 * statistics.median(precise[FLOOR]),
+                "overhead_%": 100 * (median_ratio(precise[FLOOR], precise["step"]) - 1),
+                "repeats": len(precise[FLOOR]),
+                "target": "lower bound",
             }
         )
     tables = {"penalty_cost": rows, "penalty_overhead_headline": headline}

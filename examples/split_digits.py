@@ -122,7 +122,7 @@ def main() -> None:
     def forgetting(h: list[list[float]]) -> float:
         """Mean drop from the accuracy just after learning a task to the end (earlier tasks)."""
         drops = [h[j][j] - h[-1][j] for j in range(len(h) - 1)]
-        return 100 * sum(drops) / len(drops)
+        return round(100 * sum(drops) / len(drops), 1) + 0.0  # + 0.0 turns -0.0 into 0.0
 
     print(
         f"\nfinal mean accuracy: no EWC {100 * sum(plain[-1]) / len(tasks):.1f}%, "

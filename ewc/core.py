@@ -223,9 +223,9 @@ class EWC:
     def add_task(self, fisher: Mapping[str, Tensor], anchor: Mapping[str, Tensor]) -> None:
         """Consolidate a task whose diagonal Fisher ``F`` and anchor weights ``a`` you already have.
 
-        :meth:`consolidate` ends here; call it directly with importances computed elsewhere
-        (Avalanche's ``update_importances``, a Fisher from another library). Tensors are copied
-        into the state's dtype (float32 or wider). Cost: O(P).
+        The last step of :meth:`consolidate`, for importances computed elsewhere (Avalanche's
+        ``update_importances``, a Fisher from another library). The tensors are validated and
+        copied into the state's dtype (float32 or wider). Cost: O(P).
 
         Raises:
             ValueError: names differ between ``fisher`` and ``anchor``, shapes differ, or the

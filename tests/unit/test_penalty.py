@@ -279,7 +279,7 @@ def test_penalty_grad_returns_the_penalty_value_from_the_same_pass():
     net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 5))
     reg = EWC(2.0)
     assert float(reg.penalty_grad_(net, return_penalty=True)) == 0.0  # nothing consolidated yet
-    for seed in range(3):
+    for _ in range(3):
         batch = (
             torch.randn(6, 3, generator=generator),
             torch.randint(0, 5, (6,), generator=generator),

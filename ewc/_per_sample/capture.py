@@ -26,7 +26,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ewc._per_sample.rules.registry import LayerRule, rule_for
 
-__all__ = ["Candidate", "Capture", "CoveredCall", "plan_candidates", "release"]
+__all__ = ["Candidate", "Capture", "CoveredCall", "edges_into", "plan_candidates", "release"]
 
 
 @dataclass
@@ -83,7 +83,7 @@ def plan_candidates(model: nn.Module, params: Mapping[str, Tensor]) -> list[Cand
     return candidates
 
 
-def _edges_into(output: Tensor, watched: set[int]) -> dict[int, int]:
+def edges_into(output: Tensor, watched: set[int]) -> dict[int, int]:
     """Per watched parameter id, the number of autograd edges into its gradient accumulator in
     the graph of ``output``. Cost: one visit per graph node."""
     counts = dict.fromkeys(watched, 0)
@@ -158,12 +158,16 @@ class Capture:
 
         return hook
 
-    def covered(self, output: Tensor, batch_size: int) -> tuple[list[CoveredCall], dict[str, str]]:
+    def covered(
+        self, output: Tensor, batch_size: int, edges: dict[int, int] | None = None
+    ) -> tuple[list[CoveredCall], dict[str, str]]:
         """The calls whose rule applies, and per rejected module name a reason (for the log).
 
         Args:
             output: the model output of the captured forward (its graph is inspected).
             batch_size: the number of examples (dim 0 of the output).
+            edges: :func:`edges_into` of ``output`` for (at least) the candidates' parameters,
+                if the caller already walked the graph.
         """
         covered: list[CoveredCall] = []
         rejected: dict[str, str] = {}
@@ -172,7 +176,7 @@ class Capture:
             for candidate in self.candidates
             for local in candidate.names
         }
-        edges = _edges_into(output, watched)
+        edges = edges if edges is not None else edges_into(output, watched)
         for candidate in self.candidates:
             reason = self._rejection(candidate, batch_size, edges)
             if reason is None and candidate.output is not None:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ewc._per_sample.capture import Capture, CoveredCall, plan_candidates, release
+from ewc._per_sample.capture import Capture, CoveredCall, edges_into, plan_candidates, release
 from ewc._per_sample.fallback import RunModel, loop_sums, vmap_sums
 from ewc._per_sample.rules.registry import accumulator_dtype, chunk_size
 from ewc._typing import TensorDict
@@ -136,7 +136,17 @@ def squared_grad_sums(
     sums: TensorDict = {}
     paths: dict[str, str] = {}
     try:
-        covered, rejected = capture.covered(output, examples) if candidates else ([], {})
+        # With the graph at hand (rule candidates ran the forward with autograd on), a requested
+        # parameter with no edge into the output's graph has exactly zero per-example gradients:
+        # e.g. the heads of other tasks in a multi-head model. No fallback pass is needed.
+        edges = edges_into(output, {id(p) for p in params.values()}) if candidates else None
+        if edges is not None:
+            for name in names:
+                if edges[id(params[name])] == 0:
+                    param = params[name]
+                    sums[name] = param.new_zeros(param.shape, dtype=accumulator_dtype(param.dtype))
+                    paths[name] = "unused"
+        covered, rejected = capture.covered(output, examples, edges) if candidates else ([], {})
         for module, reason in rejected.items():
             logger.debug("ewc: no per-example rule for %s: %s", module, reason)
         if covered:

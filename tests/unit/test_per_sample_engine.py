@@ -294,3 +294,34 @@ def test_hooks_are_removed_and_model_unchanged() -> None:
     assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+class RoutedHeads(nn.Module):
+    """A shared body and one head per task, routed by a data-dependent Python branch (like
+    Avalanche's MultiTaskModule), so vmap cannot run it; only head ``task`` is used."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 5)
+        self.heads = nn.ModuleList([nn.Linear(5, 2) for _ in range(3)])
+
+    def forward(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, task = batch
+        head = self.heads[int(task[0].item())]  # data-dependent: breaks vmap
+        return head(torch.tanh(self.body(x)))
+
+
+def test_parameters_outside_the_output_graph_are_zero_without_a_fallback_pass() -> None:
+    torch.manual_seed(0)
+    model = RoutedHeads().double()
+    params = dict(model.named_parameters())
+    batch = (torch.randn(6, 4, dtype=torch.float64), torch.ones(6, dtype=torch.long))
+    make = signal_maker(3)
+    result = squared_grad_sums(model, params, batch, run_model, make)
+    expected = brute_force_squared_grad_sums(model, params, batch, run_model, make)
+    for name in params:
+        torch.testing.assert_close(result.sums[name], expected[name], rtol=1e-10, atol=0)
+    for name, path in result.paths.items():
+        used = name.startswith(("body.", "heads.1."))
+        assert path == ("rule:Linear" if used else "unused"), (name, path)
+    assert torch.count_nonzero(result.sums["heads.0.weight"]) == 0

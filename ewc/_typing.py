@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, Union
 
 import torch
@@ -35,5 +35,3 @@ FisherEstimator = Literal["exact", "sample", "empirical", "batched"]
 
 ParamSelector = Union[None, Iterable[str], Callable[[str, torch.nn.Parameter], bool]]  # noqa: UP007
 """Which parameters to regularise: all trainable ones, named ones, or those a predicate keeps."""
-
-ReadOnlyTensorMap = Mapping[str, Tensor]

@@ -357,13 +357,13 @@ class EWC:
             return torch.zeros((), dtype=torch.float64) if return_penalty else None
         aligned = self._aligned(model)
         grads, params, importances, centres = [], [], [], []
-        frozen_quadratic = torch.zeros((), dtype=torch.float64)
+        frozen_quadratic = torch.zeros((), dtype=torch.float64) if return_penalty else None
         for _, param, importance, centre in aligned:
             value = _distributed.local_tensor(param.detach())
             if importance.shape != value.shape:  # grown since: penalise the consolidated block
                 value = value[overlap(importance.shape)]
             if not param.requires_grad:  # frozen since: autograd of penalty() gives it no grad
-                if return_penalty:
+                if frozen_quadratic is not None:
                     term = (importance * (value - centre).square()).sum(dtype=torch.float64)
                     frozen_quadratic += term.cpu()
                 continue
@@ -385,7 +385,7 @@ class EWC:
             workspace=self._penalty_workspace(importances),
             return_quadratic=return_penalty,
         )
-        if quadratic is None:
+        if quadratic is None or frozen_quadratic is None:
             return None
         offset = self._state.offset.to(device=quadratic.device, dtype=torch.float64)
         local = self.ewc_lambda * (quadratic + frozen_quadratic.to(quadratic.device) + offset)

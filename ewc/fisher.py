@@ -134,6 +134,8 @@ def fisher_sums(
             "nn.CrossEntropyLoss/nn.NLLLoss (categorical) or nn.MSELoss (Gaussian); got "
             f"criterion={criterion!r}. Use fisher='empirical' for any other criterion."
         )
+    run_model = _checked(forward)
+    make_signals = _signal_maker(estimator, likelihood, criterion, mc_samples)
     accumulated: TensorDict = {}  # the first batch's fresh sums become the accumulators
     count = examples = batch_count = 0
     paths: dict[str, str] = {}
@@ -145,8 +147,7 @@ def fisher_sums(
             seen = batch_size_of(batch) or 1
             paths = dict.fromkeys(params, "batch-gradient")
         else:
-            make_signals = _signal_maker(estimator, likelihood, criterion, mc_samples)
-            result = squared_grad_sums(model, params, batch, _checked(forward), make_signals)
+            result = squared_grad_sums(model, params, batch, run_model, make_signals)
             sums, seen = result.sums, result.examples
             paths.update(result.paths)
             del result

@@ -140,9 +140,9 @@ def add_penalty_grad_(
 
     Cost: O(P) time; O(block) extra memory on CPU.
     """
-    quadratic = torch.zeros((), dtype=torch.float64)
+    quadratic = torch.zeros((), dtype=torch.float64) if return_quadratic else None
     if not grads:
-        return quadratic if return_quadratic else None
+        return quadratic
     scale = 2.0 * ewc_lambda
     same_dtype = all(grad.dtype == a.dtype for grad, a in zip(grads, importances))
     if grads[0].device.type != "cpu" and same_dtype:
@@ -161,7 +161,7 @@ def add_penalty_grad_(
             difference = torch.sub(param, centre)
             weighted = difference * importance
             grad.add_(weighted.to(grad.dtype), alpha=scale)
-            if return_quadratic:
+            if quadratic is not None:
                 quadratic += torch.dot(weighted.reshape(-1), difference.reshape(-1)).double().cpu()
             continue
         flat_grad, flat_param = grad.view(-1), param.view(-1)
@@ -172,6 +172,6 @@ def add_penalty_grad_(
             work = workspace[: stop - start]
             torch.sub(flat_param[start:stop], flat_centre[start:stop], out=work)
             flat_grad[start:stop].addcmul_(flat_importance[start:stop], work, value=scale)
-            if return_quadratic:
+            if quadratic is not None:
                 quadratic += torch.dot(work.square_(), flat_importance[start:stop]).double()
-    return quadratic if return_quadratic else None
+    return quadratic

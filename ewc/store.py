@@ -107,20 +107,6 @@ class ConsolidatedState:
             history = (*history, {"fisher": dict(fisher), "anchor": dict(anchor)})
         return ConsolidatedState(importance, centre, offset, self.tasks + 1, history)
 
-    def to(self, device: torch.device | str) -> ConsolidatedState:
-        """A copy of the state with every tensor on ``device``."""
-
-        def move(tensors: TensorDict) -> TensorDict:
-            return {name: tensor.to(device) for name, tensor in tensors.items()}
-
-        history = tuple(
-            {"fisher": move(entry["fisher"]), "anchor": move(entry["anchor"])}
-            for entry in self.history
-        )
-        return ConsolidatedState(
-            move(self.importance), move(self.centre), self.offset.to(device), self.tasks, history
-        )
-
     def state_dict(self) -> dict[str, Any]:
         """Plain, ``torch.save``/``torch.load(weights_only=True)``-able dict of the state."""
         return {

@@ -208,6 +208,28 @@ def _floor_step(model: nn.Module, reg: EWC, step: Callable[[], None]) -> Callabl
     return floor_step
 
 
+FUSED = "ewc.penalty_grad_ (fused=True)"
+"""The same state in ``EWC(fused=True)``: one compiled pass instead of two PyTorch kernels."""
+
+
+def _fused_step(
+    reg: EWC, model: nn.Module, step: Callable[[], None], notes: list[str]
+) -> Callable[[], None] | None:
+    """A step plus the fused penalty gradient, or None (with a note) where it cannot be built."""
+    try:
+        twin = EWC(LAMBDA, mode="separate", fisher="batched", fused=True)
+    except RuntimeError as error:
+        notes.append(f"{FUSED} not measured: {error}")
+        return None
+    twin.load_state_dict(reg.state_dict())
+
+    def fused_step() -> None:
+        step()
+        twin.penalty_grad_(model)
+
+    return fused_step
+
+
 def run(mode: str, out: Path) -> dict[str, list[Row]]:
     """Time every method at each number of tasks; plot into ``out``; return the tables.
 
@@ -258,6 +280,9 @@ def run(mode: str, out: Path) -> dict[str, list[Row]]:
                 if k in ("step", "ewc.penalty_grad_", "ewc.penalty")
             }
             cheap[FLOOR] = _floor_step(methods.model, methods.reg, built["fns"]["step"])
+            fused = _fused_step(methods.reg, methods.model, built["fns"]["step"], notes)
+            if fused is not None:
+                cheap[FUSED] = fused
             precise = interleaved_times(cheap, repeats=3 * repeats, inner=5)
         del built
     _plot(rows, out / "penalty_cost.png", sizes)
@@ -277,6 +302,17 @@ def run(mode: str, out: Path) -> dict[str, list[Row]]:
                 ),
                 "repeats": len(samples) if samples else repeats,
                 "target": "<= 8%" if r["method"] == "ewc.penalty_grad_" else "",
+            }
+        )
+    if FUSED in precise:
+        headline.append(
+            {
+                "tasks": headline_at,
+                "method": FUSED,
+                "ms_per_step": 1e3 * statistics.median(precise[FUSED]),
+                "overhead_%": 100 * (median_ratio(precise[FUSED], precise["step"]) - 1),
+                "repeats": len(precise[FUSED]),
+                "target": "<= 8%",
             }
         )
     if FLOOR in precise:

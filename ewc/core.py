@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ewc import distributed as _distributed
 from ewc import fisher as fisher_lib
+from ewc._fused import FusedKernel, fused_kernel
 from ewc._typing import Batch, Criterion, ForwardFn, ParamSelector
 from ewc.errors import ConsolidationError, ParameterMismatchError, StateDictError
 from ewc.penalty import CPU_BLOCK_ELEMENTS, add_penalty_grad_, overlap
@@ -66,6 +67,12 @@ class EWC:
         process_group: the group ``consolidate`` all-reduces Fisher sums and counts over when
             ``torch.distributed`` is initialised (None: the default group); see
             :mod:`ewc.distributed`.
+        fused: ``penalty_grad_`` on CPU uses one compiled loop that reads ``grad``, ``A``,
+            ``theta`` and ``m`` once (see :mod:`ewc._fused`) instead of two PyTorch kernels
+            per block; same result. The kernel is built here with PyTorch's C++ extension
+            loader (about 20 s the first time on a machine, then cached on disk), so it needs a
+            C++ compiler and ninja; a RuntimeError says so when the build fails. Other
+            devices, and gradients whose dtype differs from the state's, use the default path.
 
     Example:
         >>> import torch
@@ -91,6 +98,7 @@ class EWC:
         max_samples: int | None = None,
         params: ParamSelector = None,
         process_group: Any = None,
+        fused: bool = False,
     ) -> None:
         self.ewc_lambda = _check_lambda(ewc_lambda)
         if mode not in MODES:
@@ -124,6 +132,11 @@ class EWC:
         )
         self.params = _check_selector(params)
         self.process_group = process_group
+        if not isinstance(fused, bool):
+            raise TypeError(f"Expected argument `fused` to be a bool but got {fused!r}")
+        self.fused = fused
+        # built now, so a machine without a compiler fails here rather than mid-training
+        self._fused_kernel: FusedKernel | None = fused_kernel() if fused else None
         self._state = ConsolidatedState()
         self._workspace: dict[str, Tensor] = {}
 
@@ -384,6 +397,7 @@ class EWC:
             self.ewc_lambda,
             workspace=self._penalty_workspace(importances),
             return_quadratic=return_penalty,
+            fused_kernel=self._fused_kernel,
         )
         if quadratic is None or frozen_quadratic is None:
             return None

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ewc._fused import FusedKernel
+
 __all__ = [
     "CPU_BLOCK_ELEMENTS",
     "add_penalty_grad_",
@@ -119,6 +121,7 @@ def add_penalty_grad_(
     workspace: Tensor | None = None,
     block_elements: int = CPU_BLOCK_ELEMENTS,
     return_quadratic: bool = False,
+    fused_kernel: FusedKernel | None = None,
 ) -> Tensor | None:
     """In place, ``grad += 2 * ewc_lambda * A * (theta - m)`` for aligned lists, no autograd.
 
@@ -131,6 +134,8 @@ def add_penalty_grad_(
       ``workspace`` is a 1-D buffer of at least ``min(block_elements, largest numel)`` elements
       in the state's dtype; without one (or for non-contiguous blocks of grown parameters, or a
       gradient dtype other than the state's, e.g. bfloat16) the tensor is done unblocked.
+    * CPU with ``fused_kernel`` (``EWC(fused=True)``, :mod:`ewc._fused`): one compiled pass per
+      tensor whose four operands share a dtype, same result as the blocked path.
     * Other devices: two fused multi-tensor kernels (``torch._foreach_sub``,
       ``torch._foreach_addcmul_``); the temporaries come from the caching allocator.
 
@@ -154,6 +159,12 @@ def add_penalty_grad_(
         terms = [torch.dot(d.reshape(-1), a.reshape(-1)) for d, a in zip(differences, importances)]
         return torch.stack(terms).sum(dtype=torch.float64)
     for grad, param, importance, centre in zip(grads, params, importances, centres):
+        fusable = grad.device.type == "cpu" and grad.dtype == importance.dtype == param.dtype
+        if fused_kernel is not None and fusable:
+            value = fused_kernel(grad, importance, param, centre, scale, return_quadratic)
+            if quadratic is not None:
+                quadratic += value
+            continue
         blockable = (
             grad.dtype == importance.dtype and grad.is_contiguous() and param.is_contiguous()
         )

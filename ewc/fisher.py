@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ewc._per_sample import squared_grad_sums
-from ewc._per_sample.batching import batch_size_of, slice_examples
+from ewc._per_sample.batching import batch_size_of, first_examples
 from ewc._typing import Batch, Criterion, ForwardFn, TensorDict
 from ewc.errors import ConsolidationError, UnsupportedCriterionError
 
@@ -176,22 +176,10 @@ def fisher_sums(
 
 def _limited(batches: Iterable[Batch], max_samples: int | None) -> Iterator[Batch]:
     """The batches, cut so that at most ``max_samples`` examples are yielded in total."""
-    seen = 0
-    for batch in batches:
-        if max_samples is None:
-            yield batch
-            continue
-        size = batch_size_of(batch)
-        if size is None:
-            raise ConsolidationError("max_samples needs batches holding tensors with a batch dim")
-        if seen + size > max_samples:
-            batch = slice_examples(batch, 0, max_samples - seen, size)
-            size = max_samples - seen
-        if size > 0:
-            yield batch
-        seen += size
-        if seen >= max_samples:
-            return
+    try:
+        yield from first_examples(batches, max_samples)
+    except ValueError as error:
+        raise ConsolidationError(f"max_samples={max_samples}: {error}") from error
 
 
 def _checked(forward: ForwardFn) -> ForwardFn:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["batch_size_of", "slice_examples", "vmap_in_dims"]
+__all__ = ["batch_size_of", "first_examples", "slice_examples", "vmap_in_dims"]
 
 
 def _is_batched(leaf: Any, size: int) -> bool:
@@ -30,3 +31,31 @@ def batch_size_of(batch: Any) -> int | None:
         if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1:
             return int(leaf.shape[0])
     return None
+
+
+def first_examples(batches: Iterable[Any], count: int | None) -> Iterator[Any]:
+    """The batches, the last one cut, so that exactly the first ``count`` examples are yielded
+    (all of them when ``count`` is None or the batches hold fewer).
+
+    Raises:
+        ValueError: a batch that must be cut holds no tensor with a batch dimension.
+    """
+    seen = 0
+    for batch in batches:
+        if count is None:
+            yield batch
+            continue
+        size = batch_size_of(batch)
+        if size is None:
+            raise ValueError(
+                f"cutting the data to its first {count} examples needs batches holding tensors "
+                f"with a batch dimension, but got a batch of type {type(batch).__name__}"
+            )
+        if seen + size > count:
+            batch = slice_examples(batch, 0, count - seen, size)
+            size = count - seen
+        if size > 0:
+            yield batch
+        seen += size
+        if seen >= count:
+            return

@@ -5,8 +5,10 @@ the same :class:`EWCCallback`. During training the penalty gradient is added to 
 ``on_before_optimizer_step``: after the closure (so once per optimizer step under
 ``accumulate_grad_batches``), after AMP unscaling and before gradient clipping, exactly where a
 penalty added to the loss would land. At the end of each ``fit`` the task is consolidated on
-``trainer.train_dataloader`` (or the ``dataloader`` you give). The callback's checkpoint state is
-the :class:`ewc.EWC` state, so ``fit(ckpt_path=...)`` restores it before training starts.
+``trainer.train_dataloader`` (or the ``dataloader`` you give); under DDP, the examples its
+``DistributedSampler`` repeats to even out the shards are left out. The callback's checkpoint
+state is the :class:`ewc.EWC` state, so ``fit(ckpt_path=...)`` restores it before training
+starts.
 
 Imports ``lightning`` (or, when only that is installed, ``pytorch_lightning``); ``import ewc``
 never does.
@@ -39,6 +41,9 @@ except ModuleNotFoundError:
             f"(import failed: {error})"
         ) from error
 
+from torch.utils.data import DistributedSampler
+
+from ewc._per_sample.batching import first_examples
 from ewc._typing import Batch, Criterion, ForwardFn
 from ewc.core import EWC, ConsolidationReport
 
@@ -152,7 +157,10 @@ class EWCCallback(pl.Callback):
                 f"({type(data).__name__}); pass the one to use as `dataloader=`"
             )
         self.last_report = self.reg.consolidate(
-            pl_module, _on_device(trainer, data), self.criterion, forward=self.forward
+            pl_module,
+            _on_device(trainer, _without_padding(data)),
+            self.criterion,
+            forward=self.forward,
         )
         return self.last_report
 
@@ -164,6 +172,21 @@ class EWCCallback(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the :class:`ewc.EWC` state (called by ``fit(ckpt_path=...)``)."""
         self.reg.load_state_dict(state_dict)
+
+
+def _without_padding(data: Iterable[Batch]) -> Iterable[Batch]:
+    """The loader without the examples its ``DistributedSampler`` repeats to even out the shards.
+
+    With ``drop_last=False`` (Lightning's default) the sampler pads its index list to a multiple
+    of the world size by repeating examples; the repeats are the last positions of that list,
+    so on rank ``r`` they are the examples after the first ``len(range(r, N, world))``. Cut there,
+    the pooled Fisher counts every example exactly once.
+    """
+    sampler = getattr(data, "sampler", None)
+    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+        return data
+    own = len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))  # type: ignore[arg-type]
+    return data if own >= sampler.num_samples else first_examples(data, own)
 
 
 def _on_device(trainer: pl.Trainer, data: Iterable[Batch]) -> Iterator[Batch]:

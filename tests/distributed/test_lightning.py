@@ -70,7 +70,8 @@ def test_ranks_agree_and_equal_one_process(lightning_results: list[list[dict[str
         reference.consolidate(net, DataLoader(task_data(task), batch_size=3), nn.CrossEntropyLoss())
         want = reference.state_dict()["state"]
         for result in per_rank:
-            # each rank read its half (Lightning's DistributedSampler); the counts were pooled
+            # each rank read its half (Lightning's DistributedSampler, without its padding in
+            # the odd-sized task); the counts were pooled
             assert result["examples"] == len(task_data(task))
             got = result["state"]["state"]
             assert got["tasks"] == want["tasks"] == task + 1

@@ -290,3 +290,28 @@ def test_falls_back_to_pytorch_lightning_when_lightning_is_missing() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("examples", [13, 14, 3])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_distributed_sampler_padding_is_left_out_of_the_fisher_data(examples, shuffle):
+    """Across the ranks' cut loaders every example appears exactly once (world size 4)."""
+    from torch.utils.data import DistributedSampler
+
+    from ewc.adapters.lightning import _without_padding
+
+    data = TensorDataset(torch.arange(examples), torch.zeros(examples))
+    seen: list[int] = []
+    for rank in range(4):
+        sampler = DistributedSampler(data, num_replicas=4, rank=rank, shuffle=shuffle, seed=3)
+        loader = DataLoader(data, batch_size=2, sampler=sampler)
+        seen += [int(i) for x, _ in _without_padding(loader) for i in x]
+    assert sorted(seen) == list(range(examples))
+
+
+def test_first_examples_needs_batched_tensors():
+    from ewc._per_sample.batching import first_examples
+
+    assert list(first_examples([1, 2], None)) == [1, 2]
+    with pytest.raises(ValueError, match=r"first 1 examples.*type str"):
+        list(first_examples(["no tensors"], 1))

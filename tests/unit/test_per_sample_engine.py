@@ -325,3 +325,28 @@ def test_parameters_outside_the_output_graph_are_zero_without_a_fallback_pass() 
         used = name.startswith(("body.", "heads.1."))
         assert path == ("rule:Linear" if used else "unused"), (name, path)
     assert torch.count_nonzero(result.sums["heads.0.weight"]) == 0
+
+
+class _SelfAttention(nn.Module):
+    """A transformer encoder layer: attention (no rule: vmap) around rule-covered layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layer(x).mean(1))
+
+
+def test_attention_takes_vmap_quietly_and_exactly() -> None:
+    import warnings
+
+    torch.manual_seed(0)
+    model = _SelfAttention().double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. functorch's notice on batching attention's backward
+        paths = check(model, torch.randn(5, 4, 8, dtype=torch.float64), signals=3)
+    assert paths["layer.self_attn.in_proj_weight"] == "vmap"
+    assert paths["layer.linear1.weight"] == "rule:Linear"
+    assert paths["layer.norm1.weight"] == "rule:LayerNorm"

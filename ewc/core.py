@@ -464,11 +464,20 @@ class EWC:
             )
         self._set_state(ConsolidatedState.from_state_dict(state_dict.get("state", {})))
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the compiled kernel is a function of a module only this process has loaded
+        return {**self.__dict__, "_fused_kernel": None, "_workspace": {}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update({"fused": False, **state})
+        self._fused_kernel = fused_kernel() if self.fused else None
+
     def __repr__(self) -> str:
+        fused = ", fused=True" if self.fused else ""
         return (
             f"EWC(ewc_lambda={self.ewc_lambda}, mode={self.mode!r}, "
             f"decay_factor={self.decay_factor}, keep_importance_data={self.keep_importance_data}, "
-            f"fisher={self.fisher!r}, tasks={self.tasks})"
+            f"fisher={self.fisher!r}{fused}, tasks={self.tasks})"
         )
 
 

@@ -209,3 +209,30 @@ def test_a_failed_build_is_a_clear_error(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match=r"fused=True.*C\+\+ compiler") as caught:
         EWC(1.0, fused=True)
     assert caught.value.__cause__ is not None
+
+
+def test_a_pickled_fused_regulariser_works_in_a_fresh_process(kernel, tmp_path):
+    """The kernel is not pickled (its module exists only where it was loaded): it is reloaded."""
+    import pickle
+    import subprocess
+    import sys
+
+    generator = torch.Generator().manual_seed(6)
+    net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    reg, _ = consolidated(net, True, generator)
+    (tmp_path / "reg.pkl").write_bytes(pickle.dumps((reg, net)))
+    expected = torch.autograd.grad(reg.penalty(net), list(net.parameters()))
+    torch.save(expected, tmp_path / "expected.pt")
+    script = f"""
+import pickle, torch
+reg, net = pickle.loads(open({str(tmp_path / "reg.pkl")!r}, "rb").read())
+assert reg.fused and reg._fused_kernel is not None, reg
+reg.penalty_grad_(net)
+for p, want in zip(net.parameters(), torch.load({str(tmp_path / "expected.pt")!r})):
+    torch.testing.assert_close(p.grad, want)
+print("ok", repr(reg))
+"""
+    command = [sys.executable, "-c", script]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "fused=True" in run.stdout

@@ -3,7 +3,12 @@
 Models (CPU, random data, only the cost matters):
 
 * ``mlp``: the 784-1000-1000-10 MLP of issue 4, 2048 examples, batch 128;
-* ``cnn``: two 3x3 conv layers and a linear classifier on 1x8x8 inputs, same data sizes.
+* ``cnn``: two 3x3 conv layers and a linear classifier on 1x8x8 inputs, same data sizes;
+* ``transformer``: token embedding (100 x 64), one ``nn.TransformerEncoderLayer(64, 4 heads,
+  128, batch_first=True)``, mean pooling and a linear classifier; 512 sequences of 32 tokens,
+  batch 128. Its ``exact (attention by vmap)`` row is ``exact`` with the attention rule switched
+  off, i.e. what the same consolidation cost before that rule (the attention takes the generic
+  ``vmap`` fallback).
 
 Per model, measured side by side in one process (round-robin repeats, see
 :func:`benchmarks._common.interleaved_times`):
@@ -22,9 +27,10 @@ exact <= 4.0 on the MLP.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -33,6 +39,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from benchmarks._avalanche_shim import load_avalanche_ewc_plugin
 from benchmarks._common import Row, format_table, interleaved_times, median_ratio, mlp, small_cnn
 from ewc import EWC
+from ewc._per_sample.rules import RULES
 
 __all__ = ["run"]
 
@@ -48,11 +55,37 @@ def _problem(name: str, quick: bool) -> tuple[nn.Module, TensorDataset]:
     if name == "mlp":
         model: nn.Module = mlp([784, 1000, 1000, CLASSES])
         x = torch.randn(examples, 784, generator=generator)
+    elif name == "transformer":
+        model = _Transformer()
+        x = torch.randint(0, 100, (examples // 4, 32), generator=generator)
+        y = torch.randint(0, CLASSES, (examples // 4,), generator=generator)
+        return model, TensorDataset(x, y)
     else:
         model = small_cnn(CLASSES)
         x = torch.randn(examples, 1, 8, 8, generator=generator)
     y = torch.randint(0, CLASSES, (examples,), generator=generator)
     return model, TensorDataset(x, y)
+
+
+class _Transformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(100, 64)
+        self.layer = nn.TransformerEncoderLayer(64, 4, 128, batch_first=True)
+        self.head = nn.Linear(64, CLASSES)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(self.embedding(tokens)).mean(1))
+
+
+@contextlib.contextmanager
+def _without_attention_rule() -> Iterator[None]:
+    """The per-example engine as it was before its ``MultiheadAttention`` rule."""
+    rule = RULES.pop(nn.MultiheadAttention)
+    try:
+        yield
+    finally:
+        RULES[nn.MultiheadAttention] = rule
 
 
 def _consolidator(model: nn.Module, dataset: TensorDataset, estimator: str) -> Callable[[], object]:
@@ -81,7 +114,8 @@ def _avalanche(model: nn.Module, dataset: TensorDataset) -> Callable[[], object]
 
 
 def run(quick: bool = False, *, threads: int | None = None) -> list[Row]:
-    """Rows ``(model, estimator, seconds, ratio_vs_avalanche)`` for the MLP and the small CNN.
+    """Rows ``(model, estimator, seconds, ratio_vs_avalanche)`` for the MLP, the small CNN and
+    the transformer layer.
 
     Args:
         quick: 256 examples and 3 repeats instead of 2048 and 7 (a smoke run).
@@ -99,12 +133,20 @@ def run(quick: bool = False, *, threads: int | None = None) -> list[Row]:
 def _measure(quick: bool) -> list[Row]:
     repeats = 3 if quick else 7
     rows: list[Row] = []
-    for name in ("mlp", "cnn"):
+    for name in ("mlp", "cnn", "transformer"):
         model, dataset = _problem(name, quick)
         fns: dict[str, Callable[[], object]] = {
             estimator: _consolidator(model, dataset, estimator)
             for estimator in ("empirical", "exact")
         }
+        if name == "transformer":
+            exact = fns["exact"]
+
+            def exact_by_vmap(exact: Callable[[], object] = exact) -> object:
+                with _without_attention_rule():
+                    return exact()
+
+            fns["exact (attention by vmap)"] = exact_by_vmap
         baseline = _avalanche(model, dataset)
         if baseline is not None:
             fns["avalanche"] = baseline

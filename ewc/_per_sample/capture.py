@@ -47,7 +47,8 @@ class Candidate:
     versions: tuple[int, ...] = ()
     output: Tensor | None = None
     output_version: int = 0
-    has_kwargs: bool = False
+    unbound: bool = False
+    side_outputs: tuple[Tensor, ...] = ()
 
 
 @dataclass
@@ -68,6 +69,7 @@ def plan_candidates(model: nn.Module, params: Mapping[str, Tensor]) -> list[Cand
     slots: dict[int, int] = {}
     for _, tensor in model.named_parameters(remove_duplicate=False):
         slots[id(tensor)] = slots.get(id(tensor), 0) + 1
+    claimed: set[int] = set()  # a parent whose rule owns its children's parameters comes first
     candidates = []
     for module in model.modules():
         rule = rule_for(module)
@@ -75,10 +77,11 @@ def plan_candidates(model: nn.Module, params: Mapping[str, Tensor]) -> list[Cand
             continue
         names = {
             local: wanted[id(tensor)]
-            for local, tensor in module.named_parameters(recurse=False)
-            if id(tensor) in wanted and slots.get(id(tensor)) == 1
+            for local, tensor in module.named_parameters(recurse=rule.owns_children)
+            if id(tensor) in wanted and slots.get(id(tensor)) == 1 and id(tensor) not in claimed
         }
         if names:
+            claimed.update(id(module.get_parameter(local)) for local in names)
             candidates.append(Candidate(module, rule, names))
     return candidates
 
@@ -142,19 +145,29 @@ class Capture:
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
         ) -> Any:
             candidate.calls += 1
+            rest: tuple[Any, ...] | None = None
+            if candidate.rule.tuple_output and isinstance(output, tuple) and output:
+                output, rest = output[0], tuple(output[1:])
             if candidate.calls > 1 or not isinstance(output, Tensor):
                 candidate.output = None
                 candidate.inputs = ()
                 return None
-            candidate.has_kwargs = bool(kwargs)
-            candidate.inputs = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
-            candidate.versions = tuple(a._version for a in args if isinstance(a, Tensor))
+            bound = candidate.rule.bind(module, args, kwargs)
+            candidate.unbound = bound is None
+            bound = () if bound is None else bound
+            candidate.inputs = tuple(a.detach() if isinstance(a, Tensor) else a for a in bound)
+            candidate.versions = tuple(a._version for a in bound if isinstance(a, Tensor))
             if not output.requires_grad and torch.is_grad_enabled() and output.is_floating_point():
                 # frozen weights and an input without grad: a leaf gives the signals a target
                 output = output.detach().requires_grad_(True)
             candidate.output = output
             candidate.output_version = output._version
-            return output.clone()
+            candidate.side_outputs = tuple(
+                t for t in rest or () if isinstance(t, Tensor) and t.grad_fn is not None
+            )
+            if rest is None:
+                return output.clone()
+            return (output.clone(), *rest)
 
         return hook
 
@@ -178,7 +191,7 @@ class Capture:
         }
         edges = edges if edges is not None else edges_into(output, watched)
         for candidate in self.candidates:
-            reason = self._rejection(candidate, batch_size, edges)
+            reason = self._rejection(candidate, batch_size, edges, output)
             if reason is None and candidate.output is not None:
                 covered.append(CoveredCall(candidate, candidate.inputs, candidate.output))
             else:
@@ -188,7 +201,7 @@ class Capture:
         return covered, rejected
 
     def _rejection(
-        self, candidate: Candidate, batch_size: int, edges: dict[int, int]
+        self, candidate: Candidate, batch_size: int, edges: dict[int, int], model_output: Tensor
     ) -> str | None:
         if candidate.calls == 0:
             return "not called"
@@ -196,8 +209,8 @@ class Capture:
             return f"called {candidate.calls} times in one forward (weight sharing)"
         if any(edges[id(candidate.module.get_parameter(local))] > 1 for local in candidate.names):
             return "a parameter also reaches the output outside the module's own call"
-        if candidate.has_kwargs:
-            return "called with keyword arguments"
+        if candidate.unbound:
+            return "the rule does not take this call's arguments (keyword arguments?)"
         output = candidate.output
         if output is None or not output.requires_grad:
             return "the output is not part of the autograd graph"
@@ -208,9 +221,27 @@ class Capture:
             return "an input was modified in place after the call"
         if output._version != candidate.output_version:
             return "the output was modified in place"
+        if candidate.side_outputs and _reaches(model_output, candidate.side_outputs):
+            return "another of its outputs (e.g. attention weights) reaches the model output"
         if not candidate.rule.supports(candidate.module, candidate.inputs, batch_size):
             return "the rule does not support this call (input layout or mode)"
         return None
+
+
+def _reaches(output: Tensor, tensors: tuple[Tensor, ...]) -> bool:
+    """Whether any of ``tensors`` is part of the autograd graph of ``output`` (one graph walk)."""
+    targets = {t.grad_fn for t in tensors}
+    root = output.grad_fn
+    stack, seen = ([root], {root}) if root is not None else ([], set())
+    while stack:
+        node = stack.pop()
+        if node in targets:
+            return True
+        for child, _ in node.next_functions:
+            if child is not None and child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return False
 
 
 def release(candidates: list[Candidate]) -> None:
@@ -218,3 +249,4 @@ def release(candidates: list[Candidate]) -> None:
     for candidate in candidates:
         candidate.inputs = ()
         candidate.output = None
+        candidate.side_outputs = ()

@@ -88,3 +88,7 @@ def main(out_dir: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    # Lightning leaves the process group up after fit; tearing it down at interpreter exit can
+    # abort ("terminate called without an active exception"), so end it explicitly
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

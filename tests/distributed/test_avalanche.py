@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ewc import EWC
 from tests import torchvision_shim
-from tests.distributed.common import WORLD_SIZE
+from tests.distributed.common import WORLD_SIZE, exit_when_done
 
 pytestmark = pytest.mark.distributed
 
@@ -101,7 +101,10 @@ def avalanche_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str
     pytest.importorskip("avalanche")
     tmp_path = tmp_path_factory.mktemp("avalanche")
     torch.multiprocessing.spawn(
-        _avalanche_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True
+        exit_when_done,
+        args=(_avalanche_worker, _free_port(), str(tmp_path)),
+        nprocs=WORLD_SIZE,
+        join=True,
     )
     return [torch.load(tmp_path / f"avalanche_rank{r}.pt") for r in range(WORLD_SIZE)]
 

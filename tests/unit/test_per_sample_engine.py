@@ -327,26 +327,47 @@ def test_parameters_outside_the_output_graph_are_zero_without_a_fallback_pass() 
     assert torch.count_nonzero(result.sums["heads.0.weight"]) == 0
 
 
-class _SelfAttention(nn.Module):
-    """A transformer encoder layer: attention (no rule: vmap) around rule-covered layers."""
+class _Transformer(nn.Module):
+    """Token embedding, one transformer encoder layer with a key padding mask, a linear head."""
 
-    def __init__(self) -> None:
+    def __init__(self, batch_first: bool) -> None:
         super().__init__()
-        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.batch_first = batch_first
+        self.embedding = nn.Embedding(11, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
         self.head = nn.Linear(8, 3)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.layer(x).mean(1))
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.embedding(tokens)
+        padding = tokens == 0
+        if self.batch_first:
+            x = self.layer(x, src_key_padding_mask=padding)
+        else:
+            x = self.layer(x.transpose(0, 1), src_key_padding_mask=padding).transpose(0, 1)
+        return self.head(x.mean(1))
 
 
-def test_attention_takes_vmap_quietly_and_exactly() -> None:
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer_layer_quietly_and_exactly(batch_first: bool) -> None:
+    """Batch first: every parameter has a rule (attention included). Sequence first: the layer's
+    inputs do not carry the examples along dim 0, so the whole layer takes the vmap fallback,
+    without functorch's notice on batching attention's backward."""
     import warnings
 
     torch.manual_seed(0)
-    model = _SelfAttention().double()
+    model = _Transformer(batch_first).double()
+    tokens = torch.randint(1, 11, (5, 4))
+    tokens[0, 3] = 0  # one padded position
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # e.g. functorch's notice on batching attention's backward
-        paths = check(model, torch.randn(5, 4, 8, dtype=torch.float64), signals=3)
-    assert paths["layer.self_attn.in_proj_weight"] == "vmap"
-    assert paths["layer.linear1.weight"] == "rule:Linear"
-    assert paths["layer.norm1.weight"] == "rule:LayerNorm"
+        warnings.simplefilter("error")
+        paths = check(model, tokens, signals=3)
+    inside = {
+        "layer.self_attn.in_proj_weight": "rule:MultiheadAttention",
+        "layer.self_attn.out_proj.weight": "rule:MultiheadAttention",
+        "layer.linear1.weight": "rule:Linear",
+        "layer.norm1.weight": "rule:LayerNorm",
+    }
+    for name, rule in inside.items():
+        assert paths[name] == (rule if batch_first else "vmap"), name
+    assert paths["embedding.weight"] == "rule:Embedding"
+    assert paths["head.weight"] == "rule:Linear"

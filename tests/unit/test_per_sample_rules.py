@@ -256,3 +256,139 @@ def test_batch_norm_eval(n: int, dims: int, affine_bias: bool, signals: int, dty
         model.weight.normal_()
     x = torch.randn(n, 3, *[2] * dims, dtype=dtype)
     check(model, x, signals=signals, path=f"rule:{norm_type.__name__}")
+
+
+class _Attention(nn.Module):
+    """Wraps ``nn.MultiheadAttention`` so that a batch ``(query, key, value, padding)`` feeds it
+    with the keyword arguments a transformer layer passes."""
+
+    def __init__(self, attention: nn.MultiheadAttention, call: dict[str, Any]) -> None:
+        super().__init__()
+        self.attention = attention
+        self.call = call
+
+    def forward(self, batch: tuple[Tensor, ...]) -> Tensor:
+        query, key, value, padding, per_head = batch
+        kwargs = dict(self.call)
+        if kwargs.pop("padding"):
+            kwargs["key_padding_mask"] = padding
+        if kwargs.pop("per_head"):  # (n, heads, L, S) in the batch, so the reference can slice it
+            kwargs["attn_mask"] = per_head.reshape(-1, *per_head.shape[2:])
+        if kwargs.pop("positional"):
+            mask = kwargs.pop("key_padding_mask", None)
+            return self.attention(query, key, value, mask, **kwargs)[0]
+        return self.attention(query, key, value, **kwargs)[0]
+
+
+@st.composite
+def attention_cases(draw: Any) -> dict[str, Any]:
+    heads = draw(st.sampled_from([1, 2]))
+    embed = heads * draw(st.integers(1, 3))
+    cross = draw(st.booleans())
+    return {
+        "n": draw(st.integers(1, 4)),
+        "heads": heads,
+        "embed": embed,
+        "length": draw(st.integers(1, 4)),
+        "source": draw(st.integers(1, 4)) if cross else None,
+        "kdim": draw(st.sampled_from([None, embed + 1])) if cross else None,
+        "vdim": draw(st.sampled_from([None, embed + 2])) if cross else None,
+        "bias": draw(st.booleans()),
+        "bias_kv": draw(st.booleans()),
+        "zero_attn": draw(st.booleans()),
+        "padding": draw(st.booleans()),
+        "mask": draw(st.sampled_from([None, "bool", "float", "per-head", "causal"])),
+        "need_weights": draw(st.booleans()),
+        "positional": draw(st.booleans()),
+        "signals": draw(st.integers(1, 3)),
+        "tiny_budget": draw(st.booleans()),
+    }
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=attention_cases(), dtype=DTYPES)
+def test_multihead_attention(case: dict[str, Any], dtype: Any) -> None:
+    torch.manual_seed(case["n"] + 5 * case["embed"])
+    embed, heads, n, length = case["embed"], case["heads"], case["n"], case["length"]
+    source = case["source"] or length
+    attention = nn.MultiheadAttention(
+        embed,
+        heads,
+        bias=case["bias"],
+        add_bias_kv=case["bias_kv"],
+        add_zero_attn=case["zero_attn"],
+        kdim=case["kdim"],
+        vdim=case["vdim"],
+        batch_first=True,
+    ).to(dtype)
+    if case["bias_kv"]:  # zero-initialised by default: make them matter
+        with torch.no_grad():
+            attention.bias_k.normal_()
+            attention.bias_v.normal_()
+    query = torch.randn(n, length, embed, dtype=dtype)
+    if case["source"] is None:
+        key = value = query
+    else:
+        key = torch.randn(n, source, case["kdim"] or embed, dtype=dtype)
+        value = torch.randn(n, source, case["vdim"] or embed, dtype=dtype)
+    padding = torch.zeros(n, source, dtype=torch.bool)
+    padding[:, source - 1] = source > 1  # never mask every key of an example
+    per_head = torch.randn(n, heads, length, source, dtype=dtype)
+    call: dict[str, Any] = {
+        "per_head": case["mask"] == "per-head",
+        "padding": case["padding"],
+        "positional": case["positional"],
+        "need_weights": case["need_weights"],
+    }
+    mask = case["mask"]
+    if mask == "bool":
+        call["attn_mask"] = torch.triu(torch.ones(length, source, dtype=torch.bool), 1)
+    elif mask == "float":
+        call["attn_mask"] = torch.randn(length, source, dtype=dtype)
+    elif mask == "causal" and length == source:
+        call["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(length, dtype=dtype)
+        call["is_causal"] = True
+    if (
+        mask in ("float", "per-head", "causal")
+        and call.get("attn_mask", per_head).is_floating_point()
+    ):
+        # the same mask type for both (torch deprecates mixing them)
+        padding = torch.zeros(n, source, dtype=dtype).masked_fill(padding, float("-inf"))
+    model = _Attention(attention, call)
+    paths = check(
+        model,
+        (query, key, value, padding, per_head),
+        signals=case["signals"],
+        budget=1 if case["tiny_budget"] else None,
+    )
+    assert set(paths.values()) == {"rule:MultiheadAttention"}, paths
+
+
+def test_multihead_attention_rule_is_not_used_where_it_does_not_hold() -> None:
+    """Sequence-first layout, attention weights in the loss, dropout in training: fallbacks."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 4, dtype=torch.float64)
+
+    class WeightsInLoss(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = nn.MultiheadAttention(4, 2, batch_first=True).double()
+
+        def forward(self, x: Tensor) -> Tensor:
+            out, weights = self.attention(x, x, x)
+            return out + weights.sum(-1, keepdim=True)
+
+    paths = check(WeightsInLoss(), x, signals=2)
+    assert paths["attention.in_proj_weight"] == "vmap"
+
+    class SequenceFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = nn.MultiheadAttention(4, 2).double()
+
+        def forward(self, x: Tensor) -> Tensor:
+            seq = x.transpose(0, 1)
+            return self.attention(seq, seq, seq)[0].transpose(0, 1)
+
+    paths = check(SequenceFirst(), x, signals=2)
+    assert paths["attention.in_proj_weight"] == "vmap"

@@ -5,12 +5,13 @@ Importing this package registers every rule in :data:`RULES`.
 
 from __future__ import annotations
 
-from ewc._per_sample.rules import conv, embedding, linear, norm
+from ewc._per_sample.rules import attention, conv, embedding, linear, norm
 from ewc._per_sample.rules.registry import RULES, LayerRule, register_rule, rule_for
 
 __all__ = [
     "RULES",
     "LayerRule",
+    "attention",
     "conv",
     "embedding",
     "linear",

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ewc._per_sample.rules.registry import accumulator_dtype, chunk_size, register_rule
 from ewc._typing import TensorDict
 
-__all__ = ["linear_rule"]
+__all__ = ["linear_rule", "linear_squared_sums"]
 
 
 @register_rule(nn.Linear)
@@ -48,24 +48,40 @@ def linear_rule(
     """
     weight = module.get_parameter("weight")
     dtype = accumulator_dtype(weight.dtype)
-    x = inputs[0].to(dtype)
-    g = grad_outputs.to(dtype)
+    weight_sum, bias_sum = linear_squared_sums(
+        inputs[0].to(dtype),
+        grad_outputs.to(dtype),
+        memory_budget_bytes,
+        weight="weight" in names,
+        bias="bias" in names,
+    )
+    result: TensorDict = {}
+    if weight_sum is not None:
+        result["weight"] = weight_sum
+    if bias_sum is not None:
+        result["bias"] = bias_sum
+    return result
+
+
+def linear_squared_sums(
+    x: Tensor, g: Tensor, memory_budget_bytes: int, *, weight: bool, bias: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """For ``y = x W^T + b`` with inputs ``x: (n, *, i)`` and output gradients
+    ``g: (K, n, *, o)``: ``sum_{k,n} dW_kn^2`` and ``sum_{k,n} db_kn^2`` (each only if asked),
+    in the dtype of ``x`` and ``g``. Shared by every rule whose layer contains a linear map."""
     count, examples = int(g.shape[0]), int(g.shape[1])
     x = x.reshape(examples, -1, x.shape[-1])  # (n, L, i)
     g = g.reshape(count, examples, -1, g.shape[-1])  # (K, n, L, o)
-    result: TensorDict = {}
     if x.shape[1] == 1:
         g_sq = g[0, :, 0].square() if count == 1 else g[:, :, 0].square().sum(0)  # (n, o)
-        if "weight" in names:
-            result["weight"] = g_sq.T @ x[:, 0].square()
-        if "bias" in names:
-            result["bias"] = g_sq.sum(0)
-        return result
-    if "bias" in names:
-        result["bias"] = g.sum(2).square().sum((0, 1))
-    if "weight" in names:
-        result["weight"] = _sequence_weight(x, g, memory_budget_bytes)
-    return result
+        return (
+            g_sq.T @ x[:, 0].square() if weight else None,
+            g_sq.sum(0) if bias else None,
+        )
+    return (
+        _sequence_weight(x, g, memory_budget_bytes) if weight else None,
+        g.sum(2).square().sum((0, 1)) if bias else None,
+    )
 
 
 def _sequence_weight(x: Tensor, g: Tensor, memory_budget_bytes: int) -> Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +21,7 @@ from ewc._typing import TensorDict
 
 __all__ = [
     "RULES",
+    "BindFn",
     "LayerRule",
     "RuleFn",
     "SupportsFn",
@@ -45,13 +47,36 @@ SupportsFn = Callable[[nn.Module, tuple[Tensor, ...], int], bool]
 call (batched input along dim 0, eval-mode statistics, no per-batch gradient rescaling, ...)."""
 
 
+BindFn = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], "tuple[Any, ...] | None"]
+"""``bind(module, args, kwargs) -> inputs``: the call's arguments as the ``inputs`` tuple that
+``supports`` and ``compute`` receive, or None when the rule cannot take this call. The default
+takes positional arguments only."""
+
+
+def positional_only(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The default :data:`BindFn`: the positional arguments; None if there are keywords."""
+    return None if kwargs else args
+
+
 @dataclass(frozen=True)
 class LayerRule:
-    """A registered rule: the computation and the check that it applies to one call."""
+    """A registered rule: the computation and the check that it applies to one call.
+
+    Attributes:
+        bind: maps a call's arguments to the rule's ``inputs`` (see :data:`BindFn`).
+        owns_children: the rule also computes the parameters of the module's children, which
+            the module uses directly instead of calling them (``MultiheadAttention.out_proj``);
+            their local names are dotted (``"out_proj.weight"``).
+        tuple_output: the module returns a tuple whose first item is the output the rule is
+            about (``MultiheadAttention`` returns ``(output, weights)``).
+    """
 
     module_type: type[nn.Module]
     compute: RuleFn
     supports: SupportsFn
+    bind: BindFn = positional_only
+    owns_children: bool = False
+    tuple_output: bool = False
 
     @property
     def path(self) -> str:
@@ -84,7 +109,11 @@ def _batched_along_dim0(module: nn.Module, inputs: tuple[Tensor, ...], batch_siz
 
 
 def register_rule(
-    *module_types: type[nn.Module], supports: SupportsFn | None = None
+    *module_types: type[nn.Module],
+    supports: SupportsFn | None = None,
+    bind: BindFn = positional_only,
+    owns_children: bool = False,
+    tuple_output: bool = False,
 ) -> Callable[[RuleFn], RuleFn]:
     """Decorator registering ``rule`` for each of ``module_types`` (exact types).
 
@@ -92,6 +121,7 @@ def register_rule(
         module_types: the ``nn.Module`` classes the rule computes.
         supports: a per-call check; default: the first input is a tensor with at least 2 dims whose
             dim 0 is the batch size.
+        bind, owns_children, tuple_output: see :class:`LayerRule`.
 
     Raises:
         ValueError: a type is not an ``nn.Module`` subclass or already has a rule.
@@ -120,7 +150,14 @@ def register_rule(
                 raise ValueError(
                     f"a per-example rule for {module_type.__name__} is already registered"
                 )
-            RULES[module_type] = LayerRule(module_type, rule, supports or _batched_along_dim0)
+            RULES[module_type] = LayerRule(
+                module_type,
+                rule,
+                supports or _batched_along_dim0,
+                bind,
+                owns_children,
+                tuple_output,
+            )
         return rule
 
     return decorate

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,6 +44,16 @@ class ConsolidationReport:
     seconds: float
     estimator: str
     paths: dict[str, str] = field(default_factory=dict)
+
+
+_AlignedCache = tuple[
+    list[tuple[torch.Size, torch.dtype, torch.device]],
+    list["weakref.ref[nn.Parameter]"],
+    list[tuple[str, Tensor, Tensor]],
+]
+"""What :meth:`EWC._aligned` last checked: the model parameters' (shape, dtype, device), the
+parameters themselves (weakly: the cache keeps no model alive) and (name, A, m) per
+consolidated parameter."""
 
 
 class EWC:
@@ -137,8 +148,8 @@ class EWC:
         self.fused = fused
         # built now, so a machine without a compiler fails here rather than mid-training
         self._fused_kernel: FusedKernel | None = fused_kernel() if fused else None
-        self._state = ConsolidatedState()
         self._workspace: dict[str, Tensor] = {}
+        self._set_state(ConsolidatedState())
 
     # ------------------------------------------------------------------ state
     @property
@@ -154,6 +165,7 @@ class EWC:
     def _set_state(self, state: ConsolidatedState) -> None:
         self._state = state
         self._workspace = {}
+        self._aligned_cache: _AlignedCache | None = None
 
     # ------------------------------------------------------------------ consolidation
     def consolidate(
@@ -304,6 +316,17 @@ class EWC:
         The first call after the model moved to another device moves the state once.
         """
         named = dict(_distributed.unwrap(model).named_parameters())
+        # the checks below cost more than the penalty for small models: skip them while the
+        # state and the model's parameters (identity, shape, dtype, device) are unchanged
+        fingerprint = [(p.shape, p.dtype, p.device) for p in named.values()]
+        cached = self._aligned_cache
+        if (
+            cached is not None
+            and cached[0] == fingerprint
+            and len(cached[1]) == len(named)
+            and all(ref() is p for ref, p in zip(cached[1], named.values()))
+        ):
+            return [(name, named[name], a, m) for name, a, m in cached[2]]
         for name, importance in self._state.importance.items():
             param = named.get(name)
             if param is None:
@@ -324,10 +347,14 @@ class EWC:
                 )
             )
         state = self._state
-        return [
+        aligned = [
             (name, named[name], importance, state.centre[name])
             for name, importance in state.importance.items()
         ]
+        refs = [weakref.ref(p) for p in named.values()]  # the cache keeps no model alive
+        entries = [(name, importance, centre) for name, _, importance, centre in aligned]
+        self._aligned_cache = (fingerprint, refs, entries)
+        return aligned
 
     def penalty(self, model: nn.Module) -> Tensor:
         """Differentiable ``ewc_lambda * (sum A (theta - m)^2 + r)``; 0 before any consolidation.
@@ -371,8 +398,10 @@ class EWC:
         aligned = self._aligned(model)
         grads, params, importances, centres = [], [], [], []
         frozen_quadratic = torch.zeros((), dtype=torch.float64) if return_penalty else None
+        sharded = _distributed.dtensors_in_use()
         for _, param, importance, centre in aligned:
-            value = _distributed.local_tensor(param.detach())
+            # under no_grad, the parameter itself is read without building a graph
+            value = _distributed.local_tensor(param) if sharded else param
             if importance.shape != value.shape:  # grown since: penalise the consolidated block
                 value = value[overlap(importance.shape)]
             if not param.requires_grad:  # frozen since: autograd of penalty() gives it no grad
@@ -382,7 +411,7 @@ class EWC:
                 continue
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-            grad = _distributed.local_tensor(param.grad)
+            grad = _distributed.local_tensor(param.grad) if sharded else param.grad
             if grad.shape != importance.shape:
                 grad = grad[overlap(importance.shape)]
             grads.append(grad)
@@ -466,7 +495,7 @@ class EWC:
 
     def __getstate__(self) -> dict[str, Any]:
         # the compiled kernel is a function of a module only this process has loaded
-        return {**self.__dict__, "_fused_kernel": None, "_workspace": {}}
+        return {**self.__dict__, "_fused_kernel": None, "_workspace": {}, "_aligned_cache": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update({"fused": False, **state})

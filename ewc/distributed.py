@@ -54,6 +54,7 @@ __all__ = [
     "FisherPass",
     "all_reduce_fisher_sums",
     "checked_local",
+    "dtensors_in_use",
     "fisher_pass",
     "is_distributed",
     "is_sharded",
@@ -94,6 +95,12 @@ def _dtensor_class() -> type | None:
     # keeps `import ewc` from importing it.
     module = sys.modules.get("torch.distributed.tensor")
     return getattr(module, "DTensor", None)
+
+
+def dtensors_in_use() -> bool:
+    """Whether any ``DTensor`` can exist in this process (``torch.distributed.tensor`` is
+    imported): a one-lookup test that lets hot paths skip per-tensor :func:`is_sharded` checks."""
+    return _dtensor_class() is not None
 
 
 def is_sharded(tensor: Any) -> bool:

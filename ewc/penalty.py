@@ -106,6 +106,11 @@ def penalty_value(
     return ewc_lambda * (value + offset.to(device=value.device, dtype=value.dtype))
 
 
+CPU_SMALL_ELEMENTS = 1 << 14
+"""Tensors of at most this many elements (64 KiB in float32: biases, norms, small layers) are
+done together on CPU by two multi-tensor kernels, whose per-call cost is one dispatch for the
+whole list instead of two per tensor; their temporaries are small and stay in cache."""
+
 CPU_BLOCK_ELEMENTS = 1 << 19
 """Elements per block on CPU: blocks of theta, m, A and the gradient (2 MiB each in float32) stay
 in cache between the two kernels, so ``theta - m`` never travels to memory and back."""
@@ -120,6 +125,7 @@ def add_penalty_grad_(
     *,
     workspace: Tensor | None = None,
     block_elements: int = CPU_BLOCK_ELEMENTS,
+    small_elements: int = CPU_SMALL_ELEMENTS,
     return_quadratic: bool = False,
     fused_kernel: FusedKernel | None = None,
 ) -> Tensor | None:
@@ -136,6 +142,8 @@ def add_penalty_grad_(
       gradient dtype other than the state's, e.g. bfloat16) the tensor is done unblocked.
     * CPU with ``fused_kernel`` (``EWC(fused=True)``, :mod:`ewc._fused`): one compiled pass per
       tensor whose four operands share a dtype, same result as the blocked path.
+    * CPU tensors of at most ``small_elements`` whose operands share a dtype: all together,
+      by two multi-tensor kernels (one dispatch each for the whole list, small temporaries).
     * Other devices: two fused multi-tensor kernels (``torch._foreach_sub``,
       ``torch._foreach_addcmul_``); the temporaries come from the caching allocator.
 
@@ -151,38 +159,74 @@ def add_penalty_grad_(
     scale = 2.0 * ewc_lambda
     same_dtype = all(grad.dtype == a.dtype for grad, a in zip(grads, importances))
     if grads[0].device.type != "cpu" and same_dtype:
-        differences = torch._foreach_sub(list(params), list(centres))
-        torch._foreach_addcmul_(list(grads), list(importances), differences, value=scale)
-        if not return_quadratic:
-            return None
-        torch._foreach_mul_(differences, differences)
-        terms = [torch.dot(d.reshape(-1), a.reshape(-1)) for d, a in zip(differences, importances)]
-        return torch.stack(terms).sum(dtype=torch.float64)
+        return _multi_tensor_pass(grads, params, importances, centres, scale, return_quadratic)
+    small: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]] = ([], [], [], [])
     for grad, param, importance, centre in zip(grads, params, importances, centres):
-        fusable = grad.device.type == "cpu" and grad.dtype == importance.dtype == param.dtype
-        if fused_kernel is not None and fusable:
+        same = grad.dtype == importance.dtype == param.dtype
+        if same and grad.device.type == "cpu" and grad.numel() <= small_elements:
+            for part, tensor in zip(small, (grad, param, importance, centre)):
+                part.append(tensor)
+        elif fused_kernel is not None and same and grad.device.type == "cpu":
             value = fused_kernel(grad, importance, param, centre, scale, return_quadratic)
             if quadratic is not None:
                 quadratic += value
-            continue
-        blockable = (
-            grad.dtype == importance.dtype and grad.is_contiguous() and param.is_contiguous()
-        )
-        if workspace is None or workspace.dtype != importance.dtype or not blockable:
-            difference = torch.sub(param, centre)
-            weighted = difference * importance
-            grad.add_(weighted.to(grad.dtype), alpha=scale)
-            if quadratic is not None:
-                quadratic += torch.dot(weighted.reshape(-1), difference.reshape(-1)).double().cpu()
-            continue
-        flat_grad, flat_param = grad.view(-1), param.view(-1)
-        flat_importance, flat_centre = importance.view(-1), centre.view(-1)
-        size = flat_grad.numel()
-        for start in range(0, size, block_elements):
-            stop = min(size, start + block_elements)
-            work = workspace[: stop - start]
-            torch.sub(flat_param[start:stop], flat_centre[start:stop], out=work)
-            flat_grad[start:stop].addcmul_(flat_importance[start:stop], work, value=scale)
-            if quadratic is not None:
-                quadratic += torch.dot(work.square_(), flat_importance[start:stop]).double()
+        else:
+            _one_tensor_pass(
+                grad, param, importance, centre, scale, workspace, block_elements, quadratic
+            )
+    if small[0]:
+        term = _multi_tensor_pass(*small, scale, return_quadratic)
+        if quadratic is not None and term is not None:
+            quadratic += term
     return quadratic
+
+
+def _multi_tensor_pass(
+    grads: Sequence[Tensor],
+    params: Sequence[Tensor],
+    importances: Sequence[Tensor],
+    centres: Sequence[Tensor],
+    scale: float,
+    return_quadratic: bool,
+) -> Tensor | None:
+    """Two multi-tensor kernels for the whole list (the differences are temporaries); with
+    ``return_quadratic``, ``sum A (theta - m)^2`` as a float64 scalar on the tensors' device."""
+    differences = torch._foreach_sub(list(params), list(centres))
+    torch._foreach_addcmul_(list(grads), list(importances), differences, value=scale)
+    if not return_quadratic:
+        return None
+    torch._foreach_mul_(differences, differences)
+    terms = [torch.dot(d.reshape(-1), a.reshape(-1)) for d, a in zip(differences, importances)]
+    return torch.stack(terms).sum(dtype=torch.float64)
+
+
+def _one_tensor_pass(
+    grad: Tensor,
+    param: Tensor,
+    importance: Tensor,
+    centre: Tensor,
+    scale: float,
+    workspace: Tensor | None,
+    block_elements: int,
+    quadratic: Tensor | None,
+) -> None:
+    """One tensor: cache-blocked through ``workspace`` where possible, else with temporaries
+    (non-contiguous blocks of grown parameters, a gradient dtype other than the state's)."""
+    blockable = grad.dtype == importance.dtype and grad.is_contiguous() and param.is_contiguous()
+    if workspace is None or workspace.dtype != importance.dtype or not blockable:
+        difference = torch.sub(param, centre)
+        weighted = difference * importance
+        grad.add_(weighted.to(grad.dtype), alpha=scale)
+        if quadratic is not None:
+            quadratic += torch.dot(weighted.reshape(-1), difference.reshape(-1)).double().cpu()
+        return
+    flat_grad, flat_param = grad.view(-1), param.view(-1)
+    flat_importance, flat_centre = importance.view(-1), centre.view(-1)
+    size = flat_grad.numel()
+    for start in range(0, size, block_elements):
+        stop = min(size, start + block_elements)
+        work = workspace[: stop - start]
+        torch.sub(flat_param[start:stop], flat_centre[start:stop], out=work)
+        flat_grad[start:stop].addcmul_(flat_importance[start:stop], work, value=scale)
+        if quadratic is not None:
+            quadratic += torch.dot(work.square_(), flat_importance[start:stop]).double()

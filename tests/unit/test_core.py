@@ -406,3 +406,33 @@ def test_penalty_grad_skips_parameters_frozen_since_consolidation():
     assert net[0].weight.grad is None
     expected = torch.autograd.grad(reg.penalty(net), net[2].weight)[0]
     torch.testing.assert_close(net[2].weight.grad, expected)
+
+
+def test_penalty_checks_are_redone_whenever_the_model_changes():
+    """The alignment checks are cached per model; any change of a parameter invalidates them."""
+    import gc
+    import weakref
+
+    reg, net = consolidated()
+    reg.penalty_grad_(net)  # fills the cache
+    with torch.no_grad():
+        net[0].weight.data = net[0].weight.data[:, :2].clone()  # shrunk in place
+    with pytest.raises(ParameterMismatchError, match=r"'0\.weight'.*shape"):
+        reg.penalty_grad_(net)
+    with pytest.raises(ParameterMismatchError, match=r"'0\.weight'.*shape"):
+        reg.penalty(net)
+
+    reg, net = consolidated()
+    reg.penalty_grad_(net)
+    fresh = model(seed=5)  # the same architecture, other parameters
+    net.zero_grad(set_to_none=True)
+    reg.penalty_grad_(fresh)
+    expected = torch.autograd.grad(reg.penalty(fresh), list(fresh.parameters()))
+    for p, want in zip(fresh.parameters(), expected):
+        torch.testing.assert_close(p.grad, want)
+    assert all(p.grad is None for p in net.parameters())
+
+    watched = weakref.ref(fresh[0].weight)
+    del fresh, p, expected
+    gc.collect()
+    assert watched() is None  # the cache keeps no model alive

@@ -16,7 +16,7 @@ from torch import nn
 
 import ewc._fused
 from ewc import EWC
-from ewc.penalty import add_penalty_grad_
+from ewc.penalty import CPU_SMALL_ELEMENTS, add_penalty_grad_
 
 pytestmark = pytest.mark.skipif(
     shutil.which("c++") is None or shutil.which("ninja") is None,
@@ -27,6 +27,15 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def kernel() -> ewc._fused.FusedKernel:
     return ewc._fused.fused_kernel()
+
+
+def wide(dtype: torch.dtype, inputs: int = 5, outputs: int = 3) -> nn.Sequential:
+    """The middle weight (130 x 130) is above ``CPU_SMALL_ELEMENTS``, so it takes the kernel; the
+    other tensors are small and take the multi-tensor path: both run in every test."""
+    assert CPU_SMALL_ELEMENTS < 130 * 130
+    return nn.Sequential(
+        nn.Linear(inputs, 130), nn.Tanh(), nn.Linear(130, 130), nn.Tanh(), nn.Linear(130, outputs)
+    ).to(dtype)
 
 
 def consolidated(
@@ -40,7 +49,7 @@ def consolidated(
         with torch.no_grad():
             for p in net.parameters():
                 p.add_(0.1 * torch.randn(p.shape, generator=generator).to(dtype))
-        x = torch.randn(6, 5, generator=generator).to(dtype)
+        x = torch.randn(6, net[0].in_features, generator=generator).to(dtype)
         batches.append((x, torch.randint(0, 3, (6,), generator=generator)))
         reg.consolidate(net, batches[-1:], nn.CrossEntropyLoss())
     with torch.no_grad():
@@ -59,7 +68,7 @@ def grads_after(reg: EWC, net: nn.Module, start: list[torch.Tensor]) -> list[tor
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_penalty_grad_equals_autograd_of_the_penalty(kernel, dtype):
     generator = torch.Generator().manual_seed(0)
-    net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dtype)
+    net = wide(dtype)
     reg, _ = consolidated(net, True, generator)
     expected = torch.autograd.grad(reg.penalty(net), list(net.parameters()))
     start = [torch.zeros_like(p) for p in net.parameters()]
@@ -74,7 +83,7 @@ def test_fused_penalty_grad_equals_autograd_of_the_penalty(kernel, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_and_default_paths_give_identical_gradients(kernel, dtype):
     generator = torch.Generator().manual_seed(1)
-    net = nn.Sequential(nn.Linear(5, 40), nn.Tanh(), nn.Linear(40, 3)).to(dtype)
+    net = wide(dtype)
     fused, _ = consolidated(net, True, generator)
     default = EWC(3.0, fisher="empirical")
     default.load_state_dict(fused.state_dict())
@@ -87,7 +96,7 @@ def test_fused_and_default_paths_give_identical_gradients(kernel, dtype):
 
 def test_fused_penalty_value_and_frozen_parameters(kernel):
     generator = torch.Generator().manual_seed(2)
-    net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    net = wide(torch.float64)
     reg, _ = consolidated(net, True, generator)
     net[0].requires_grad_(False)
     value = reg.penalty_grad_(net, return_penalty=True)
@@ -98,11 +107,11 @@ def test_fused_penalty_value_and_frozen_parameters(kernel):
 
 
 def test_grown_parameters_use_the_strided_loop(kernel):
-    """A layer that gained inputs: the consolidated block ``grad[:, :5]`` is not contiguous."""
+    """A layer that gained inputs: the consolidated block ``grad[:, :130]`` is not contiguous."""
     generator = torch.Generator().manual_seed(3)
-    net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    net = nn.Sequential(nn.Linear(130, 130), nn.Tanh(), nn.Linear(130, 3)).double()
     reg, _ = consolidated(net, True, generator)
-    grown = nn.Sequential(nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 5)).double()
+    grown = nn.Sequential(nn.Linear(134, 130), nn.Tanh(), nn.Linear(130, 5)).double()
     with torch.no_grad():
         for small, big in zip(net.parameters(), grown.parameters()):
             big[tuple(slice(0, n) for n in small.shape)] = small
@@ -110,13 +119,13 @@ def test_grown_parameters_use_the_strided_loop(kernel):
     expected = torch.autograd.grad(reg.penalty(grown), list(grown.parameters()))
     for p, want in zip(grown.parameters(), expected):
         torch.testing.assert_close(p.grad, want)
-    assert torch.count_nonzero(grown[0].weight.grad[:, 5:]) == 0
+    assert torch.count_nonzero(grown[0].weight.grad[:, 130:]) == 0
     assert torch.count_nonzero(grown[2].weight.grad[3:]) == 0
 
 
 def test_bfloat16_gradients_fall_back_to_the_default_path(kernel):
     generator = torch.Generator().manual_seed(4)
-    net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(torch.bfloat16)
+    net = wide(torch.bfloat16)
     fused, _ = consolidated(net, True, generator)
     default = EWC(3.0, fisher="empirical")
     default.load_state_dict(fused.state_dict())
@@ -180,20 +189,24 @@ def test_kernel_on_tensors_large_enough_to_run_in_parallel(kernel, threads):
     assert value == pytest.approx(want, rel=1e-6)
 
 
-def test_add_penalty_grad_uses_the_kernel_for_every_dtype_matched_tensor(kernel):
+def test_add_penalty_grad_uses_the_kernel_for_large_dtype_matched_tensors(kernel):
     calls = []
 
     def counting(*args):
-        calls.append(args[0].dtype)
+        calls.append((args[0].dtype, args[0].numel()))
         return kernel(*args)
 
-    grads = [torch.zeros(4), torch.zeros(3, dtype=torch.bfloat16)]
-    params = [torch.ones(4), torch.ones(3, dtype=torch.bfloat16)]
-    importances, centres = [torch.full((4,), 2.0), torch.full((3,), 2.0)], [torch.zeros(4)] * 2
-    centres[1] = torch.zeros(3)
+    large = CPU_SMALL_ELEMENTS + 1
+    sizes = (large, 3, large)
+    dtypes = (torch.float32, torch.float32, torch.bfloat16)
+    grads = [torch.zeros(n, dtype=d) for n, d in zip(sizes, dtypes)]
+    params = [torch.ones(n, dtype=d) for n, d in zip(sizes, dtypes)]
+    importances = [torch.full((n,), 2.0) for n in sizes]
+    centres = [torch.zeros(n) for n in sizes]
     add_penalty_grad_(grads, params, importances, centres, 0.5, fused_kernel=counting)
-    assert calls == [torch.float32]  # the bfloat16 gradient took the default path
-    assert grads[0].tolist() == [2.0] * 4 and grads[1].float().tolist() == [2.0] * 3
+    # the small tensor took the multi-tensor path, the bfloat16 gradient the default one
+    assert calls == [(torch.float32, large)]
+    assert all(bool((g.float() == 2.0).all()) for g in grads)
 
 
 def test_fused_must_be_a_bool():

@@ -238,8 +238,9 @@ def test_mixed_dtype_gradients_are_updated_per_tensor():
     assert grads[1].tolist() == [0.0, -10.0]
 
 
-@pytest.mark.parametrize("block", [1, 7, 30, 64])
-def test_blocked_gradient_equals_the_unblocked_formula(block):
+@pytest.mark.parametrize(("block", "small"), [(1, 0), (7, 0), (30, 0), (64, 0), (7, 6), (64, 30)])
+def test_blocked_gradient_equals_the_unblocked_formula(block, small):
+    """Blocked (tensors above ``small`` elements) and multi-tensor (the rest) vs the formula."""
     generator = torch.Generator().manual_seed(6)
     shapes = [(5, 6), (30,), (2, 3, 4)]
     params = [torch.randn(s, generator=generator, dtype=torch.float64) for s in shapes]
@@ -249,7 +250,14 @@ def test_blocked_gradient_equals_the_unblocked_formula(block):
     grads = [g.clone() for g in start]
     workspace = torch.full((min(block, 30),), math.nan, dtype=torch.float64)
     add_penalty_grad_(
-        grads, params, importances, centres, 1.5, workspace=workspace, block_elements=block
+        grads,
+        params,
+        importances,
+        centres,
+        1.5,
+        workspace=workspace,
+        block_elements=block,
+        small_elements=small,
     )
     for g, g0, p, a, m in zip(grads, start, params, importances, centres):
         torch.testing.assert_close(g, g0 + 3.0 * a * (p - m), rtol=1e-14, atol=1e-14)
@@ -319,6 +327,7 @@ def test_blocked_quadratic_equals_the_penalty_sum(block):
         1.0,
         workspace=workspace,
         block_elements=block,
+        small_elements=0,
         return_quadratic=True,
     )
     expected = sum((a * (p - m).square()).sum() for p, a, m in zip(params, importances, centres))

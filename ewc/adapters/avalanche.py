@@ -43,7 +43,7 @@ except ModuleNotFoundError as error:  # pragma: no cover - exercised without ava
 from ewc._typing import Batch, ParamSelector
 from ewc.core import EWC, ConsolidationReport
 from ewc.distributed import unwrap
-from ewc.penalty import merge_online, pad_to
+from ewc.views import check_ewc_lambda, task_anchors, task_importances
 
 __all__ = ["EWCPlugin"]
 
@@ -111,7 +111,7 @@ class EWCPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
 
     @ewc_lambda.setter
     def ewc_lambda(self, value: float) -> None:
-        self.reg.ewc_lambda = EWC(value).ewc_lambda  # validated like the constructor's argument
+        self.reg.ewc_lambda = check_ewc_lambda(value)
 
     @property
     def mode(self) -> str:
@@ -173,24 +173,17 @@ class EWCPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
             ``{parameter name: ParamData}`` of the regularised parameters.
         """
         self._model = model
-        scratch = EWC(
-            self.reg.ewc_lambda,
-            fisher=self.reg.fisher,
-            mc_samples=self.reg.mc_samples,
-            max_samples=self.reg.max_samples,
-            params=self.reg.params,
-        )
         collate_fn = getattr(dataset, "collate_fn", None)
         loader = DataLoader(
             dataset, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers
         )
-        self.last_report = scratch.consolidate(
-            model, loader, criterion, forward=_avalanche_forward(device)
+        fisher, self.last_report = _estimate(
+            self.reg, model, loader, criterion, _avalanche_forward(device)
         )
         model.train()
         return {
-            name: ParamData(name, init_tensor=fisher, device=fisher.device)
-            for name, fisher in scratch.state.importance.items()
+            name: ParamData(name, init_tensor=value, device=value.device)
+            for name, value in fisher.items()
         }
 
     @torch.no_grad()
@@ -232,48 +225,31 @@ class EWCPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
     @property
     def saved_params(self) -> dict[int, dict[str, ParamData]]:
         """Per experience, the weights it was consolidated at (a read-only snapshot)."""
-        state = self.reg.state
-        if state.history:
-            return {t: _param_data(entry["anchor"]) for t, entry in enumerate(state.history)}
-        return self._latest_only("saved_params", state.centre)
+        return self._views(
+            task_anchors, "saved_params", self.reg.state, self.reg.mode, self.reg.decay_factor
+        )
 
     @property
     def importances(self) -> dict[int, dict[str, ParamData]]:
         """Per experience, its importance as Avalanche keeps it (a read-only snapshot).
 
-        Separate mode: that experience's Fisher. Online mode: the decayed sum up to it.
+        Separate mode: that experience's Fisher. Online mode: the decayed sum up to it
+        (:func:`ewc.views.task_importances`; the latest equals ``reg.state.importance``).
         """
-        state = self.reg.state
-        if not state.history:
-            return self._latest_only("importances", state.importance)
-        if self.reg.mode == "separate":
-            return {t: _param_data(entry["fisher"]) for t, entry in enumerate(state.history)}
-        accumulated: dict[str, Tensor] = {}
-        views = {}
-        for t, entry in enumerate(state.history):
-            decayed = dict(accumulated)
-            for name, fisher in entry["fisher"].items():
-                previous = accumulated.get(name)
-                decayed[name] = (
-                    fisher
-                    if previous is None
-                    else merge_online(
-                        pad_to(previous, fisher.shape), fisher, self.reg.decay_factor or 0.0
-                    )
-                )
-            accumulated = decayed
-            views[t] = _param_data(accumulated)
-        return views
-
-    def _latest_only(self, what: str, tensors: Mapping[str, Tensor]) -> dict[int, Any]:
-        if self.reg.tasks == 0:
-            return {}
-        if self.reg.mode == "online":
-            return {self.reg.tasks - 1: _param_data(tensors)}
-        raise RuntimeError(
-            f"`{what}` per experience needs EWCPlugin(..., keep_importance_data=True); in separate "
-            "mode the experiences are kept as one collapsed quadratic (see `plugin.reg.state`)"
+        return self._views(
+            task_importances, "importances", self.reg.state, self.reg.mode, self.reg.decay_factor
         )
+
+    @staticmethod
+    def _views(view: Callable[..., dict[int, dict[str, Tensor]]], what: str, *args: Any) -> Any:
+        try:
+            per_task = view(*args)
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"`{what}` per experience needs EWCPlugin(..., keep_importance_data=True) in "
+                f"separate mode ({error})"
+            ) from None
+        return {t: _param_data(tensors) for t, tensors in per_task.items()}
 
 
 def _param_data(tensors: Mapping[str, Tensor]) -> dict[str, ParamData]:
@@ -281,6 +257,30 @@ def _param_data(tensors: Mapping[str, Tensor]) -> dict[str, ParamData]:
         name: ParamData(name, init_tensor=tensor.clone(), device=tensor.device)
         for name, tensor in tensors.items()
     }
+
+
+def _estimate(
+    reg: EWC,
+    model: nn.Module,
+    loader: DataLoader[Any],
+    criterion: Callable[..., Tensor],
+    forward: Callable[[nn.Module, Batch], Any],
+) -> tuple[Mapping[str, Tensor], ConsolidationReport]:
+    """The Fisher at the current weights with ``reg``'s settings, without adding a task."""
+    estimate = getattr(reg, "estimate", None)
+    if estimate is not None:  # ewc.EWC.estimate (the core's public route)
+        result = estimate(model, loader, criterion, forward=forward)
+        return result.fisher, result.report
+    # until EWC.estimate exists: an EWC with the same estimator settings and no state
+    scratch = EWC(
+        reg.ewc_lambda,
+        fisher=reg.fisher,
+        mc_samples=reg.mc_samples,
+        max_samples=reg.max_samples,
+        params=reg.params,
+    )
+    report = scratch.consolidate(model, loader, criterion, forward=forward)
+    return scratch.state.importance, report
 
 
 def _avalanche_forward(device: torch.device | str) -> Callable[[nn.Module, Batch], Any]:

@@ -46,6 +46,7 @@ from torch.utils.data import DistributedSampler
 from ewc._per_sample.batching import first_examples
 from ewc._typing import Batch, Criterion, ForwardFn
 from ewc.core import EWC, ConsolidationReport
+from ewc.views import examples_before_padding
 
 __all__ = ["EWCCallback"]
 
@@ -177,15 +178,17 @@ class EWCCallback(pl.Callback):
 def _without_padding(data: Iterable[Batch]) -> Iterable[Batch]:
     """The loader without the examples its ``DistributedSampler`` repeats to even out the shards.
 
-    With ``drop_last=False`` (Lightning's default) the sampler pads its index list to a multiple
-    of the world size by repeating examples; the repeats are the last positions of that list,
-    so on rank ``r`` they are the examples after the first ``len(range(r, N, world))``. Cut there,
-    the pooled Fisher counts every example exactly once.
+    With ``drop_last=False`` (Lightning's default) the sampler repeats examples to even out the
+    shards; :func:`ewc.views.examples_before_padding` says how many come first on this rank.
     """
     sampler = getattr(data, "sampler", None)
     if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
         return data
-    own = len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))  # type: ignore[arg-type]
+    own = examples_before_padding(
+        len(sampler.dataset),  # type: ignore[arg-type]
+        sampler.rank,
+        sampler.num_replicas,
+    )
     return data if own >= sampler.num_samples else first_examples(data, own)
 
 

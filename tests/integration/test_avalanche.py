@@ -146,6 +146,39 @@ def test_batched_reproduces_avalanche_ewc_plugin_in_naive(
             plugin.importances  # noqa: B018
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["keep", "latest-only"])
+def test_online_importances_view_equals_the_state_when_a_layer_is_frozen_for_one_experience(
+    keep: bool,
+) -> None:
+    plugin = EWCPlugin(100.0, "online", 0.7, keep, fisher="batched")
+    torch.manual_seed(1)
+    model = _single_head()
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+        criterion=nn.CrossEntropyLoss(),
+        train_mb_size=16,
+        train_epochs=1,
+        device="cpu",
+        plugins=[plugin],
+        evaluator=EvaluationPlugin(loggers=[]),
+    )
+    first, second = _benchmark(False).train_stream[:2]
+    strategy.train(first)
+    model[0].requires_grad_(False)  # the first layer is frozen for the second experience
+    strategy.train(second)
+
+    assert plugin.reg.tasks == 2
+    latest = plugin.importances[1]
+    assert latest.keys() == plugin.reg.state.importance.keys()
+    assert "0.weight" in latest
+    for name, importance in plugin.reg.state.importance.items():
+        assert torch.equal(latest[name].data, importance), name
+    saved = plugin.saved_params[1]
+    for name, centre in plugin.reg.state.centre.items():
+        assert torch.equal(saved[name].data, centre), name
+
+
 class _CollatedDataset(Dataset):  # type: ignore[type-arg]
     """Examples ``(x, y, t)`` whose ``collate_fn`` inserts an extra item and scales the inputs."""
 

@@ -16,6 +16,14 @@ therefore added exactly once per optimizer step, whatever the loop does before i
   evaluation adds the penalty gradient after computing the task gradient, and returns the loss
   plus the penalty value.
 
+**Optimizer wrappers** (Accelerate's ``AcceleratedOptimizer``, or any object exposing the
+optimizer it wraps as ``.optimizer``) are unwrapped: the hook goes on the innermost
+``torch.optim.Optimizer``, which the wrapper steps only on a real update. Under
+``accelerator.accumulate(model)`` that is once per ``gradient_accumulation_steps`` micro-batches
+(the wrapper's ``step()`` does nothing in between), and with Accelerate's fp16 ``GradScaler`` the
+inner ``step`` runs after unscaling and not at all when the scaler skips the step for inf/NaN,
+so a skipped step never gets the penalty.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -47,7 +55,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ewc.core import EWC
 
-__all__ = ["PenaltyHookHandle", "attach"]
+__all__ = ["PenaltyHookHandle", "attach", "innermost_optimizer"]
 
 _ATTACHED: weakref.WeakKeyDictionary[Optimizer, PenaltyHookHandle] = weakref.WeakKeyDictionary()
 
@@ -91,14 +99,16 @@ class PenaltyHookHandle:
         return f"PenaltyHookHandle(removed={self.removed})"
 
 
-def attach(reg: EWC, model: nn.Module, optimizer: Optimizer) -> PenaltyHookHandle:
+def attach(reg: EWC, model: nn.Module, optimizer: Any) -> PenaltyHookHandle:
     """Apply ``reg``'s penalty gradient to ``model`` before every ``optimizer.step()``.
 
     Args:
         reg: the :class:`~ewc.EWC` regulariser; consolidate it as usual at the end of each task
             (the hook reads its state at every step, so later consolidations take effect).
         model: the model whose parameters ``reg`` regularises.
-        optimizer: the optimizer stepping those parameters.
+        optimizer: the optimizer stepping those parameters: a ``torch.optim.Optimizer`` or a
+            wrapper exposing one as ``.optimizer`` (Accelerate's ``AcceleratedOptimizer``,
+            ``transformers.Trainer.optimizer``); the hook is registered on the innermost one.
 
     Returns:
         a :class:`PenaltyHookHandle`; ``handle.remove()`` detaches the hook.
@@ -121,10 +131,7 @@ def attach(reg: EWC, model: nn.Module, optimizer: Optimizer) -> PenaltyHookHandl
         raise TypeError(f"Expected argument `reg` to be an ewc.EWC but got {reg!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected argument `model` to be a torch.nn.Module but got {model!r}")
-    if not isinstance(optimizer, Optimizer):
-        raise TypeError(
-            f"Expected argument `optimizer` to be a torch.optim.Optimizer but got {optimizer!r}"
-        )
+    optimizer = innermost_optimizer(optimizer)
     existing = _ATTACHED.get(optimizer)
     if existing is not None and not existing.removed:
         raise RuntimeError(
@@ -146,6 +153,29 @@ def attach(reg: EWC, model: nn.Module, optimizer: Optimizer) -> PenaltyHookHandl
     handle = PenaltyHookHandle(optimizer, optimizer.register_step_pre_hook(step_pre_hook))
     _ATTACHED[optimizer] = handle
     return handle
+
+
+def innermost_optimizer(optimizer: Any) -> Optimizer:
+    """The ``torch.optim.Optimizer`` that ``optimizer`` is or wraps (through ``.optimizer``).
+
+    Accelerate's ``AcceleratedOptimizer`` subclasses ``Optimizer`` without initialising it (it
+    has no step hooks of its own) and exposes the optimizer it wraps as ``.optimizer``; wrappers
+    may nest.
+
+    Raises:
+        TypeError: no initialised ``torch.optim.Optimizer`` is found.
+    """
+    current, seen = optimizer, 0
+    while not (isinstance(current, Optimizer) and hasattr(current, "_optimizer_step_pre_hooks")):
+        inner = getattr(current, "optimizer", None)
+        seen += 1
+        if inner is None or inner is current or seen > 16:
+            raise TypeError(
+                "Expected argument `optimizer` to be a torch.optim.Optimizer or a wrapper "
+                f"exposing one as `.optimizer` but got {optimizer!r}"
+            )
+        current = inner
+    return current
 
 
 def _closure_with_penalty(

@@ -166,11 +166,14 @@ def test_penalty_grad_creates_missing_grads_and_reuses_its_buffers():
         model.weight.add_(1.0)
     reg.penalty_grad_(model)
     assert model.weight.grad is not None and model.bias.grad is not None
-    buffers = {name: buf.data_ptr() for name, buf in reg._workspace.items()}
+    view = reg.state.bind(model)
+    assert view.workspace is not None
+    assert reg.state.bind(model, reuse=view) is view  # the same parameters: the same view
+    buffer = reg._aligned.workspace.data_ptr()
     first = model.weight.grad.clone()
     model.zero_grad(set_to_none=False)
     reg.penalty_grad_(model)
-    assert {name: buf.data_ptr() for name, buf in reg._workspace.items()} == buffers
+    assert reg._aligned.workspace.data_ptr() == buffer
     torch.testing.assert_close(model.weight.grad, first)
 
 

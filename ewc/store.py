@@ -315,10 +315,15 @@ def unpack(
     ``config_keys``: the options the reader knows; others are refused, missing ones are not
     (older writers), except ``mode``. Raises :class:`StateDictError` naming the key.
     """
-    if not isinstance(state_dict, Mapping) or state_dict.get("format") != FORMAT_NAME:
-        found = state_dict.get("format") if isinstance(state_dict, Mapping) else _short(state_dict)
+    if not isinstance(state_dict, Mapping):
         raise StateDictError(
-            f"not an EWC state dict: expected `format` = {FORMAT_NAME!r}, found {found!r}"
+            f"not an EWC state dict: expected a dict with `format` = {FORMAT_NAME!r}, got a "
+            f"{type(state_dict).__name__}: {_short(state_dict)}"
+        )
+    if state_dict.get("format") != FORMAT_NAME:
+        raise StateDictError(
+            f"not an EWC state dict: expected `format` = {FORMAT_NAME!r}, found "
+            f"{_short(state_dict.get('format'))}"
         )
     version = state_dict.get("version")
     if type(version) is not int or version != FORMAT_VERSION:

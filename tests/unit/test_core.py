@@ -11,7 +11,6 @@ from torch import nn
 
 from ewc import (
     EWC,
-    FORMAT_VERSION,
     ConsolidationError,
     ParameterMismatchError,
     StateDictError,

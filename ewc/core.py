@@ -25,7 +25,7 @@ from ewc._fused import FusedKernel, fused_kernel
 from ewc._typing import Batch, Criterion, ForwardFn, ParamSelector
 from ewc.aligned import AlignedState, check_model_fits, named_parameters
 from ewc.errors import ConsolidationError, EWCError, StateDictError
-from ewc.store import ConsolidatedState, check_task, pack, storage_dtype, unpack
+from ewc.store import ConsolidatedState, check_task, pack, storage_dtype, task_copies, unpack
 
 __all__ = ["EWC", "ConsolidationReport", "FisherEstimate"]
 
@@ -81,6 +81,10 @@ class EWC:
     is stored as one quadratic per parameter, so memory and per-step cost are O(P) whatever the
     number of tasks.
 
+    :meth:`consolidate` ends a task (:meth:`estimate` then :meth:`add_task`); :meth:`penalty`
+    (for the loss) and :meth:`penalty_grad_` (added to ``.grad``) read the consolidated state
+    through one aligned view of it (:meth:`ewc.store.ConsolidatedState.bind`).
+
     Args:
         ewc_lambda: penalty strength, a float >= 0.
         mode: ``"separate"`` (sum over tasks) or ``"online"`` (decayed running Fisher).
@@ -128,19 +132,7 @@ class EWC:
         fused: bool = False,
     ) -> None:
         self.ewc_lambda = _check_lambda(ewc_lambda)
-        if mode not in MODES:
-            raise ValueError(f"Expected argument `mode` to be one of {MODES} but got {mode!r}")
-        if mode == "online" and decay_factor is None:
-            raise ValueError("Argument `decay_factor` is required with mode='online' but got None")
-        if mode == "separate" and decay_factor is not None:
-            raise ValueError(
-                f"Argument `decay_factor` is only used with mode='online' but got "
-                f"decay_factor={decay_factor!r} with mode='separate'"
-            )
-        self.mode = mode
-        self.decay_factor = (
-            None if decay_factor is None else _check_unit_interval(decay_factor, "decay_factor")
-        )
+        self.mode, self.decay_factor = _check_mode(mode, decay_factor)
         self.keep_importance_data = _check_bool(keep_importance_data, "keep_importance_data")
         if fisher not in fisher_lib.ESTIMATORS:
             raise ValueError(
@@ -293,28 +285,7 @@ class EWC:
                 tensor is sparse, on the meta device or complex; the state is unchanged.
             ParameterMismatchError: a consolidated parameter shrank or changed rank.
         """
-        for given, argument in ((fisher, "fisher"), (anchor, "anchor")):
-            if not isinstance(given, Mapping):
-                raise TypeError(
-                    f"Expected argument `{argument}` to map parameter names to tensors but got "
-                    f"{type(given).__name__}"
-                )
-        if not fisher and not anchor:
-            raise ValueError("Arguments `fisher` and `anchor` name no parameter; nothing to add")
-        if set(fisher) != set(anchor):
-            raise ValueError(
-                f"Arguments `fisher` and `anchor` must name the same parameters but got "
-                f"{sorted(fisher)} and {sorted(anchor)}"
-            )
-        copies: tuple[dict[str, Tensor], dict[str, Tensor]] = ({}, {})
-        for name, value in fisher.items():
-            if not isinstance(value, Tensor) or not isinstance(anchor[name], Tensor):
-                raise TypeError(f"Expected tensors for parameter {name!r} in `fisher`/`anchor`")
-            dtype = storage_dtype(anchor[name].dtype)
-            copies[0][name] = value.detach().to(dtype=dtype, copy=True)
-            copies[1][name] = anchor[name].detach().to(device=value.device, dtype=dtype, copy=True)
-        check_task(*copies, error=ValueError)
-        self._add_task(*copies)
+        self._add_task(*task_copies(fisher, anchor))
 
     def _add_task(self, fisher: Mapping[str, Tensor], anchor: Mapping[str, Tensor]) -> None:
         """Fold a checked ``(F, a)`` that this object owns (no copies) into a new state."""
@@ -451,6 +422,21 @@ def _check_lambda(value: Any) -> float:
     if not math.isfinite(number) or number < 0:
         raise ValueError(f"Expected argument `ewc_lambda` to be finite and >= 0 but got {value!r}")
     return number
+
+
+def _check_mode(mode: Any, decay_factor: Any) -> tuple[str, float | None]:
+    if mode not in MODES:
+        raise ValueError(f"Expected argument `mode` to be one of {MODES} but got {mode!r}")
+    if mode == "online" and decay_factor is None:
+        raise ValueError("Argument `decay_factor` is required with mode='online' but got None")
+    if mode == "separate" and decay_factor is not None:
+        raise ValueError(
+            f"Argument `decay_factor` is only used with mode='online' but got "
+            f"decay_factor={decay_factor!r} with mode='separate'"
+        )
+    if decay_factor is None:
+        return mode, None
+    return mode, _check_unit_interval(decay_factor, "decay_factor")
 
 
 def _check_unit_interval(value: Any, name: str) -> float:

@@ -37,6 +37,7 @@ __all__ = [
     "check_task",
     "pack",
     "storage_dtype",
+    "task_copies",
     "unpack",
 ]
 
@@ -119,6 +120,40 @@ def check_task(
                 f"parameter {name!r} has `{what[0]}` of shape {tuple(value.shape)} but "
                 f"`{what[1]}` of shape {tuple(anchor[name].shape)}"
             )
+
+
+def task_copies(
+    fisher: Mapping[str, Any], anchor: Mapping[str, Any]
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Checked copies of a task given by a user (``EWC.add_task``): each pair in the state's
+    dtype for the anchor's (float32 or wider), the anchor on the Fisher's device.
+
+    Raises:
+        TypeError: not mappings of names to tensors.
+        ValueError: no parameter, or :func:`check_task` refuses the copies.
+    """
+    for given, argument in ((fisher, "fisher"), (anchor, "anchor")):
+        if not isinstance(given, Mapping):
+            raise TypeError(
+                f"Expected argument `{argument}` to map parameter names to tensors but got "
+                f"{type(given).__name__}"
+            )
+    if not fisher and not anchor:
+        raise ValueError("Arguments `fisher` and `anchor` name no parameter; nothing to add")
+    if set(fisher) != set(anchor):
+        raise ValueError(
+            f"Arguments `fisher` and `anchor` must name the same parameters but got "
+            f"{sorted(fisher)} and {sorted(anchor)}"
+        )
+    copies: tuple[dict[str, Tensor], dict[str, Tensor]] = ({}, {})
+    for name, value in fisher.items():
+        if not isinstance(value, Tensor) or not isinstance(anchor[name], Tensor):
+            raise TypeError(f"Expected tensors for parameter {name!r} in `fisher`/`anchor`")
+        dtype = storage_dtype(anchor[name].dtype)
+        copies[0][name] = value.detach().to(dtype=dtype, copy=True)
+        copies[1][name] = anchor[name].detach().to(device=value.device, dtype=dtype, copy=True)
+    check_task(*copies, error=ValueError)
+    return copies
 
 
 def _owned(tensor: Tensor) -> Tensor:

@@ -36,18 +36,19 @@ from ewc.store import check_fits
 if TYPE_CHECKING:
     from ewc.store import ConsolidatedState
 
-__all__ = ["AlignedState", "check_model_fits", "named_parameters"]
+__all__ = ["AlignedState", "check_model_fits", "named_parameters", "unwrap"]
 
 _Fingerprint = list[tuple[torch.Size, torch.dtype, torch.device, bool]]
 
 
 def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """``model``'s parameters by the names the state uses: DDP/DataParallel and
-    ``torch.compile`` wrappers are looked through (no ``module.``/``_orig_mod.`` prefix)."""
-    return dict(_unwrap(model).named_parameters())
+    """``model``'s parameters by the names the state uses (see :func:`unwrap`)."""
+    return dict(unwrap(model).named_parameters())
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP/DataParallel (:func:`ewc.distributed.unwrap`) and ``torch.compile``
+    wrappers, whose parameter names are the state's (no ``module.``/``_orig_mod.`` prefix)."""
     model = _distributed.unwrap(model)
     dynamo = sys.modules.get("torch._dynamo.eval_frame")  # imported once torch.compile is used
     compiled = getattr(dynamo, "OptimizedModule", None)

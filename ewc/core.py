@@ -9,6 +9,7 @@ with a model, and :mod:`ewc.penalty` evaluates the penalty and its gradient.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from ewc import distributed as _distributed
 from ewc import fisher as fisher_lib
 from ewc._fused import FusedKernel, fused_kernel
 from ewc._typing import Batch, Criterion, ForwardFn, ParamSelector
-from ewc.aligned import AlignedState, check_model_fits, named_parameters
+from ewc.aligned import AlignedState, check_model_fits, named_parameters, unwrap
 from ewc.errors import ConsolidationError, EWCError, StateDictError
 from ewc.store import ConsolidatedState, check_task, pack, storage_dtype, task_copies, unpack
 
@@ -194,7 +195,7 @@ class EWC:
         started = time.perf_counter()
         _check_module(model)
         _check_call_arguments(dataloader, criterion, forward, progress, reduce)
-        module = _distributed.unwrap(model)
+        module = unwrap(model)
         params = _selected(module, self.params)
         with (
             _eval_mode(module),
@@ -548,7 +549,7 @@ def _selected(model: nn.Module, selector: Any) -> dict[str, nn.Parameter]:
 
 # ---------------------------------------------------------------------- consolidation helpers
 _T = TypeVar("_T")
-_PACKAGE = str(Path(__file__).resolve().parent)
+_PACKAGE = str(Path(__file__).resolve().parent) + os.sep
 
 
 def _user_code(call: Callable[[], _T]) -> _T:

@@ -743,10 +743,29 @@ def test_a_model_on_another_dtype_is_penalised_without_changing_the_state() -> N
     assert_unchanged(reg, before)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_model_moved_to_the_gpu_is_penalised_through_copies() -> None:
+    reg, net = consolidated()
+    before = snapshot(reg)
+    on_gpu = copy.deepcopy(net).cuda()
+    value = reg.penalty(on_gpu)
+    assert value.device.type == "cuda"
+    torch.testing.assert_close(value.cpu(), reg.penalty(net).detach(), rtol=1e-5, atol=0)
+    reg.penalty_grad_(on_gpu)
+    expected = torch.autograd.grad(reg.penalty(on_gpu), list(on_gpu.parameters()))
+    for p, want in zip(on_gpu.parameters(), expected):
+        torch.testing.assert_close(p.grad, want)
+    assert_unchanged(reg, before)  # still on the CPU, bit for bit
+    assert all(t.device.type == "cpu" for t in reg.state.importance.values())
+
+
 def test_torch_compile_wrapper_is_looked_through() -> None:
     reg, net = consolidated()
     compiled = torch.compile(net)  # no compilation happens until it is called
     assert torch.equal(reg.penalty(compiled).detach(), reg.penalty(net).detach())
+    other = EWC(2.0)
+    estimate = other.estimate(compiled, data(), nn.CrossEntropyLoss())  # no `_orig_mod.`
+    assert set(estimate.fisher) == set(reg.state.importance)
 
 
 def test_state_tensors_never_carry_a_graph() -> None:

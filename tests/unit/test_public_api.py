@@ -41,7 +41,7 @@ PUBLIC = {
     ],
     "ewc.store": ["ConsolidatedState", "FORMAT_VERSION"],
     "ewc.core": ["EWC", "ConsolidationReport", "FisherEstimate"],
-    "ewc.aligned": ["AlignedState", "check_model_fits", "named_parameters"],
+    "ewc.aligned": ["AlignedState", "check_model_fits", "named_parameters", "unwrap"],
     "ewc.errors": ["EWCError", "ConsolidationError"],
 }
 

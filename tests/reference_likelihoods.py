@@ -75,6 +75,8 @@ def brute_force_likelihood_fisher(
                 add(criterion(out, tgt))
             count += 1
             continue
+        if isinstance(batch, Mapping) and not isinstance(batch, dict):  # a BatchEncoding
+            batch = dict(batch)
         for example in example_slices(batch, _size(batch)):
             count += 1
             out, tgt = forward(model, example)

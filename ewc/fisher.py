@@ -123,8 +123,9 @@ def check_estimator(value: Any, argument: str = "fisher") -> str:
 def default_forward(model: nn.Module, batch: Batch) -> tuple[Tensor, Any]:
     """The forward used when none is given.
 
-    * ``Mapping`` batches (``dict``, Hugging Face ``BatchEncoding``): :func:`ewc.huggingface.forward`,
-      ``model(**inputs)`` with the ``labels`` key as target (causal LMs shifted);
+    * ``Mapping`` batches (``dict``, Hugging Face ``BatchEncoding``):
+      :func:`ewc.huggingface.forward`, ``model(**inputs)`` with the ``labels`` key as target
+      (causal LMs shifted);
     * ``(inputs, targets, *ignored)``: ``(model(inputs), targets)``; extra items (Avalanche's task
       labels) are ignored;
     * a bare tensor: ``(model(batch), None)``.
@@ -279,7 +280,7 @@ def _default_criterion(model: nn.Module, estimator: str) -> Criterion:
 
 
 def _plain(batch: Batch) -> Batch:
-    """A ``Mapping`` that is not a dict (``BatchEncoding``) as a dict, so pytrees see its tensors."""
+    """A ``Mapping`` that is not a dict (``BatchEncoding``) as a dict: pytrees see its tensors."""
     if isinstance(batch, Mapping) and not isinstance(batch, dict):
         return dict(batch)
     return batch
@@ -389,11 +390,17 @@ def _engine_pass(
         return result
     source, step = lazy[0]
     for start in range(step, len(source), step):
-        chunk = source.chunk(start, min(start + step, len(source)))
-        more = squared_grad_sums(model, params, batch, run_model, lambda _o, _t: chunk)
+        stop = min(start + step, len(source))
+
+        def next_chunk(
+            _output: Tensor, _target: Any, start: int = start, stop: int = stop
+        ) -> Tensor:
+            return source.chunk(start, stop)
+
+        more = squared_grad_sums(model, params, batch, run_model, next_chunk)
         for name, total in result.sums.items():
             total.add_(more.sums[name])
-        del more, chunk
+        del more
     result.signals = len(source)
     return result
 
@@ -410,8 +417,10 @@ def _batch_gradient_squares(
     names = list(params)
     with torch.enable_grad():
         output, target = run_model(model, batch)
-        loss = criterion(output, target) if likelihood is None else likelihood.batch_loss(
-            output, target
+        loss = (
+            criterion(output, target)
+            if likelihood is None
+            else likelihood.batch_loss(output, target)
         )
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__

@@ -41,9 +41,11 @@ from ewc.errors import ConsolidationError
 __all__ = [
     "IGNORE_INDEX",
     "LABEL_KEYS",
+    "aligned",
     "default_criterion",
     "forward",
     "is_hf_model",
+    "labels_of",
     "logits_of",
     "task_of",
 ]
@@ -56,7 +58,7 @@ LABEL_KEYS = ("labels", "label", "label_ids")
 
 
 def is_hf_model(model: Any) -> bool:
-    """Whether ``model`` looks like a ``transformers`` model (a ``config`` with a ``model_type``)."""
+    """Whether ``model`` looks like a ``transformers`` model: a ``config`` with a ``model_type``."""
     config = getattr(model, "config", None)
     return config is not None and isinstance(getattr(config, "model_type", None), str)
 
@@ -66,7 +68,7 @@ def _base_model(model: Any) -> Any:
     if callable(get_base):
         try:
             return get_base()
-        except Exception:  # noqa: BLE001 - not a PEFT model after all
+        except Exception:  # not a PEFT model after all
             return model
     return model
 
@@ -91,7 +93,7 @@ def task_of(model: Any) -> str:
         try:
             if can_generate():
                 return "causal-lm"
-        except Exception:  # noqa: BLE001 - a model whose can_generate needs more than self
+        except Exception:  # a model whose can_generate needs more than self
             pass
     return "other"
 

@@ -64,9 +64,7 @@ class Bernoulli(Likelihood):
         def chunk(start: int, stop: int) -> Tensor:
             signals = scale.new_zeros(stop - start, examples, units)
             index = torch.arange(start, stop, device=output.device)
-            signals[torch.arange(stop - start, device=output.device), :, index] = scale[
-                :, index
-            ].T
+            signals[torch.arange(stop - start, device=output.device), :, index] = scale[:, index].T
             return signals.reshape(stop - start, *output.shape).to(output.dtype)
 
         return LazySignals(units, chunk, tuple(output.shape), output.dtype)

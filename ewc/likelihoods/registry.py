@@ -160,7 +160,7 @@ class Likelihood(abc.ABC):
         self.criterion = criterion
 
     # -- options ---------------------------------------------------------------------------
-    def check_estimator(self, estimator: str) -> None:
+    def check_estimator(self, estimator: str) -> None:  # noqa: B027 - optional hook
         """Raise :class:`UnsupportedCriterionError` if a criterion option cannot be honoured by
         ``estimator``. Default: every option is fine."""
 

@@ -285,7 +285,17 @@ def test_bfloat16_model_keeps_float32_fisher():
         (nn.CrossEntropyLoss(label_smoothing=0.1), "classes"),
         (nn.CrossEntropyLoss(ignore_index=1), "classes"),
     ],
-    ids=["ce", "ce-sum", "f.ce", "nll", "mse", "mse-sum", "ce-weighted-sum", "ce-smoothing", "ce-ignore"],
+    ids=[
+        "ce",
+        "ce-sum",
+        "f.ce",
+        "nll",
+        "mse",
+        "mse-sum",
+        "ce-weighted-sum",
+        "ce-smoothing",
+        "ce-ignore",
+    ],
 )
 def test_closed_form_loss_gradients_equal_the_criterion_on_a_batch_of_one(criterion, target_kind):
     """The registered likelihoods' closed forms against the generic path (autograd of the

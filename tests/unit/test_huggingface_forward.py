@@ -187,9 +187,7 @@ def test_sample_runs_on_a_causal_lm_and_ignores_masked_tokens():
     assert report.examples == EXAMPLES
     model.eval()
     output, target = default_forward(model, batches[0])
-    signals = likelihood_for(hf.default_criterion(model)).sample_signals(
-        output.detach(), target, 3
-    )
+    signals = likelihood_for(hf.default_criterion(model)).sample_signals(output.detach(), target, 3)
     ignored = target == -100
     assert ignored.any() and torch.count_nonzero(signals[:, ignored]) == 0
 

@@ -181,6 +181,7 @@ def fisher_sums(
     max_samples: int | None = None,
     forward: ForwardFn | None = None,
     on_batch: Callable[[int], None] | None = None,
+    logits_reversal: bool = False,
 ) -> FisherSums:
     """Accumulate the chosen estimator's squared-gradient sums over ``batches``.
 
@@ -198,6 +199,8 @@ def fisher_sums(
         max_samples: use only the first ``max_samples`` examples.
         forward: ``forward(model, batch) -> (output, target)``; default :func:`default_forward`.
         on_batch: called with the examples of each batch processed.
+        logits_reversal: EWC-DR (Liu & Chang, CVPR 2026): the importance from the loss on the
+            negated output, ``loss(-f(x), y)``; ``empirical`` and ``batched`` only.
 
     Raises:
         ValueError: ``estimator`` is not one of :data:`ESTIMATORS`.
@@ -211,6 +214,15 @@ def fisher_sums(
     batch through the per-example engine; ``batched`` one ordinary backward per batch.
     """
     estimator = check_estimator(estimator, "estimator")
+    if not isinstance(logits_reversal, bool):
+        raise TypeError(
+            f"Expected argument `logits_reversal` to be a bool but got {logits_reversal!r}"
+        )
+    if logits_reversal and estimator in ("exact", "sample"):
+        raise ValueError(
+            f"Argument `logits_reversal`=True needs fisher='empirical' or 'batched' (the loss on "
+            f"the reversed logits with the data's labels) but got fisher={estimator!r}"
+        )
     if criterion is None:
         criterion = _default_criterion(model, estimator)
     likelihood = likelihood_for(criterion)
@@ -223,6 +235,8 @@ def fisher_sums(
     if likelihood is not None:
         likelihood.check_estimator(estimator)
     run_model = _checked(forward or default_forward, params)
+    if logits_reversal:
+        run_model = _reversed(run_model)
     make_signals = _signal_maker(estimator, likelihood, criterion, mc_samples)
     accumulated: TensorDict = {}  # the first batch's fresh sums become the accumulators
     count = examples = batch_count = 0
@@ -335,6 +349,17 @@ def _checked(forward: ForwardFn, params: Mapping[str, Tensor]) -> ForwardFn:
     return run_model
 
 
+def _reversed(run_model: ForwardFn) -> ForwardFn:
+    """``(-output, target)``: the negation is part of the model, so every engine path
+    differentiates ``loss(-f(x), y)``."""
+
+    def run_reversed(model: nn.Module, batch: Batch) -> tuple[Tensor, Any]:
+        output, target = run_model(model, batch)
+        return -output, target
+
+    return run_reversed
+
+
 def _pair(result: Any) -> tuple[Tensor, Any]:
     if not isinstance(result, (tuple, list)) or len(result) != 2:
         what = (
@@ -373,19 +398,29 @@ def _engine_pass(
     in chunks of at most :data:`DEFAULT_MEMORY_BUDGET_BYTES`: one engine call per chunk (one more
     forward each), the sums added up.
     """
+    budget = DEFAULT_MEMORY_BUDGET_BYTES  # read at call time: a module setting
     if _engine_takes_sources():
-        return squared_grad_sums(model, params, batch, run_model, make_signals)  # type: ignore[arg-type]
+        return squared_grad_sums(
+            model,
+            params,
+            batch,
+            run_model,
+            make_signals,  # type: ignore[arg-type]
+            memory_budget_bytes=budget,
+        )
     lazy: list[tuple[LazySignals, int]] = []
 
     def first_chunk(output: Tensor, target: Any) -> Tensor:
         signals = make_signals(output, target)
         if isinstance(signals, Tensor):
             return signals
-        step = max(1, DEFAULT_MEMORY_BUDGET_BYTES // max(1, signals.bytes_per_signal()))
+        step = max(1, budget // max(1, signals.bytes_per_signal()))
         lazy.append((signals, step))
         return signals.chunk(0, min(step, len(signals)))
 
-    result = squared_grad_sums(model, params, batch, run_model, first_chunk)
+    result = squared_grad_sums(
+        model, params, batch, run_model, first_chunk, memory_budget_bytes=budget
+    )
     if not lazy:
         return result
     source, step = lazy[0]
@@ -397,7 +432,9 @@ def _engine_pass(
         ) -> Tensor:
             return source.chunk(start, stop)
 
-        more = squared_grad_sums(model, params, batch, run_model, next_chunk)
+        more = squared_grad_sums(
+            model, params, batch, run_model, next_chunk, memory_budget_bytes=budget
+        )
         for name, total in result.sums.items():
             total.add_(more.sums[name])
         del more

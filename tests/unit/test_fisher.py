@@ -341,3 +341,55 @@ def test_exact_warns_once_with_the_cost_when_signals_exceed_one_hundred():
         EWC(1.0).consolidate(
             small, [(torch.randn(2, 3), torch.randint(0, 100, (2,)))], nn.CrossEntropyLoss()
         )
+
+
+@pytest.mark.parametrize("estimator", ["empirical", "batched"])
+@pytest.mark.parametrize("case", ["mlp-dropout", "per-token-logits"])
+def test_logits_reversal_matches_brute_force_of_the_reversed_loss(case: str, estimator: str):
+    """EWC-DR: the importance from ``criterion(-f(x), y)``, per example and per mini-batch."""
+    from ewc.fisher import fisher_sums
+
+    model, batches, _ = make_case(case)
+    model.eval()
+    params = dict(model.named_parameters())
+    sums = fisher_sums(
+        model, params, batches, nn.CrossEntropyLoss(), estimator=estimator, logits_reversal=True
+    )
+    flat = nn.functional.cross_entropy
+    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    count = 0
+    for x, y, _ in batches:
+        pieces = (
+            [(x, y)]
+            if estimator == "batched"
+            else [(x[i : i + 1], y[i : i + 1]) for i in range(len(x))]
+        )
+        for xs, ys in pieces:
+            logits = model(xs)
+            loss = flat(-logits.reshape(-1, logits.shape[-1]), ys.reshape(-1))
+            if estimator == "empirical":  # the example's loss: summed over its positions
+                loss = loss * ys.numel()
+            for name, grad in zip(params, torch.autograd.grad(loss, list(params.values()))):
+                total[name] += grad.square()
+            count += 1
+    assert sums.count == count
+    plain = fisher_sums(model, params, batches, nn.CrossEntropyLoss(), estimator=estimator)
+    for name, value in total.items():
+        torch.testing.assert_close(sums.sums[name], value, rtol=1e-9, atol=1e-12)
+        assert not torch.allclose(plain.sums[name], value)  # the reversal changes the importance
+
+
+@pytest.mark.parametrize("estimator", ["exact", "sample"])
+def test_logits_reversal_is_refused_by_likelihood_estimators(estimator: str):
+    from ewc.fisher import fisher_sums
+
+    model, batches, _ = make_case("mlp-dropout")
+    with pytest.raises(ValueError, match=rf"`logits_reversal`=True.*fisher={estimator!r}"):
+        fisher_sums(
+            model,
+            dict(model.named_parameters()),
+            batches,
+            nn.CrossEntropyLoss(),
+            estimator=estimator,
+            logits_reversal=True,
+        )

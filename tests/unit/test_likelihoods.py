@@ -197,11 +197,7 @@ def test_exact_in_budget_sized_chunks_matches_brute_force(case: str, monkeypatch
     monkeypatch.setattr(LazySignals, "chunk", recording)
     bytes_per_signal = batches[0][0].shape[0] * math.prod(model(batches[0][0]).shape[1:]) * 8
     budget = 3 * bytes_per_signal
-    monkeypatch.setattr(fisher_module, "DEFAULT_MEMORY_BUDGET_BYTES", budget)
-    if fisher_module._engine_takes_sources():  # the engine sizes the chunks itself
-        import ewc._per_sample.engine as engine
-
-        monkeypatch.setattr(engine, "DEFAULT_MEMORY_BUDGET_BYTES", budget)
+    monkeypatch.setattr(fisher_module, "DEFAULT_MEMORY_BUDGET_BYTES", budget)  # the engine's too
     reg = EWC(1.0, fisher="exact")
     reg.consolidate(model, batches, criterion)
     assert len(requested) > 2 and max(requested) <= budget

@@ -288,3 +288,17 @@ def test_likelihood_names():
     assert likelihood_of(nn.BCEWithLogitsLoss()) == "bernoulli"
     assert likelihood_of(nn.L1Loss()) is None
     assert likelihood_of(lambda o, t: o.sum()) is None
+
+
+def test_public_names():
+    import ewc.fisher
+    import ewc.huggingface
+    import ewc.likelihoods
+
+    for module, names in [
+        (ewc.likelihoods, ["register_likelihood", "likelihood_for", "Likelihood", "LazySignals"]),
+        (ewc.fisher, ["check_estimator", "MAX_EXACT_SIGNALS", "per_example_loss_grads"]),
+        (ewc.huggingface, ["forward", "default_criterion", "is_hf_model"]),
+    ]:
+        for name in names:
+            assert hasattr(module, name) and name in module.__all__, (module.__name__, name)

@@ -335,8 +335,8 @@ def _checked(forward: ForwardFn, params: Mapping[str, Tensor]) -> ForwardFn:
         if needs_graph and not output.requires_grad:
             raise ConsolidationError(
                 "forward(model, batch) returned an output without an autograd graph "
-                "(requires_grad=False): was it computed under torch.no_grad() or .detach()ed? "
-                "Its Fisher would be silently zero"
+                "(requires_grad=False): was it computed under torch.no_grad() or .detach()ed, or "
+                "does no parameter being estimated reach it? Its Fisher would be silently zero"
             )
         if isinstance(target, Tensor) and target.dim() >= 1 and target.shape[0] != output.shape[0]:
             raise ConsolidationError(

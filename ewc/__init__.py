@@ -12,11 +12,13 @@ from ewc.core import EWC, ConsolidationReport
 from ewc.errors import (
     ConsolidationError,
     EWCError,
+    FallbackWarning,
     ParameterMismatchError,
     StateDictError,
     UnsupportedCriterionError,
 )
 from ewc.fisher import ESTIMATORS, FisherSums, fisher_from_sums, fisher_sums
+from ewc.rules import register_rule
 from ewc.store import FORMAT_VERSION, ConsolidatedState
 
 __all__ = [
@@ -27,12 +29,14 @@ __all__ = [
     "ConsolidationError",
     "ConsolidationReport",
     "EWCError",
+    "FallbackWarning",
     "FisherSums",
     "ParameterMismatchError",
     "StateDictError",
     "UnsupportedCriterionError",
     "fisher_from_sums",
     "fisher_sums",
+    "register_rule",
 ]
 
 __version__ = "0.1.0.dev0"

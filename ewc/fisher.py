@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ewc._per_sample import squared_grad_sums
 from ewc._per_sample.batching import batch_size_of, first_examples
+from ewc._per_sample.report import warn_fallbacks
 from ewc._typing import Batch, Criterion, ForwardFn, TensorDict
 from ewc.errors import ConsolidationError, UnsupportedCriterionError
 
@@ -139,6 +140,7 @@ def fisher_sums(
     accumulated: TensorDict = {}  # the first batch's fresh sums become the accumulators
     count = examples = batch_count = 0
     paths: dict[str, str] = {}
+    reasons: dict[str, str] = {}
     for batch in _limited(batches, max_samples):
         batch_count += 1
         if estimator == "batched":
@@ -150,6 +152,7 @@ def fisher_sums(
             result = squared_grad_sums(model, params, batch, run_model, make_signals)
             sums, seen = result.sums, result.examples
             paths.update(result.paths)
+            reasons.update(result.reasons)
             del result
             count += seen
         examples += seen
@@ -171,6 +174,7 @@ def fisher_sums(
                 f"the Fisher of parameter {name!r} is NaN or infinite (the loss or a gradient "
                 "overflowed); the consolidated state is unchanged"
             )
+    warn_fallbacks(paths, params, reasons)  # once per pass, naming what left the rules
     return FisherSums(accumulated, count, examples, batch_count, paths)
 
 

@@ -363,6 +363,8 @@ def _plan(
         for candidate, local, call in uses:
             mode = status[id(call)]
             assert mode is not None
+            if mode == "rule" and (candidate.rule is None or candidate.rule.per_example is None):
+                mode = "layer"  # no per-example gradients from the rule: the per-layer step
             use = shared.setdefault(id(call), _Use(candidate, call, mode))
             use.names[local] = name
             labels.append(use.path)

@@ -6,9 +6,9 @@ Models (CPU, random data, only the cost matters):
 * ``cnn``: two 3x3 conv layers and a linear classifier on 1x8x8 inputs, same data sizes;
 * ``transformer``: token embedding (100 x 64), one ``nn.TransformerEncoderLayer(64, 4 heads,
   128, batch_first=True)``, mean pooling and a linear classifier; 512 sequences of 32 tokens,
-  batch 128. Its ``exact (attention by vmap)`` row is ``exact`` with the attention rule switched
-  off, i.e. what the same consolidation cost before that rule (the attention takes the generic
-  ``vmap`` fallback).
+  batch 128. Its ``exact (no attention rule)`` row is ``exact`` with the attention rule switched
+  off: the attention then takes the per-layer ``torch.func`` step (before that step existed, the
+  whole-model ``vmap`` fallback).
 
 Per model, measured side by side in one process (round-robin repeats, see
 :func:`benchmarks._common.interleaved_times`):
@@ -90,7 +90,7 @@ class _Transformer(nn.Module):
 
 @contextlib.contextmanager
 def _without_attention_rule() -> Iterator[None]:
-    """The per-example engine as it was before its ``MultiheadAttention`` rule."""
+    """The per-example engine without its ``MultiheadAttention`` rule."""
     rule = RULES.pop(nn.MultiheadAttention)
     try:
         yield
@@ -156,7 +156,7 @@ def _measure(quick: bool) -> list[Row]:
                 with _without_attention_rule():
                     return exact()
 
-            fns["exact (attention by vmap)"] = exact_by_vmap
+            fns["exact (no attention rule)"] = exact_by_vmap
         baseline = _avalanche(model, dataset)
         if baseline is not None:
             fns["avalanche"] = baseline

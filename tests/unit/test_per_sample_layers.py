@@ -88,6 +88,46 @@ def test_per_layer_step_refuses_modules_where_examples_interact() -> None:
     assert result.paths["0.weight"] == "rule:Linear"
 
 
+class RawAttention(nn.Module):
+    """Attention with raw projection parameters through ``F.scaled_dot_product_attention`` and a
+    padding mask given as a keyword (no rule: the per-layer step must run it under vmap)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.qkv = nn.Parameter(torch.randn(3, width, width) / width**0.5)
+        self.heads = 2
+
+    def forward(self, x: Tensor, *, padding: Tensor) -> Tensor:
+        n, length, width = x.shape
+        q, k, v = (
+            (x @ w).reshape(n, length, self.heads, -1).transpose(1, 2) for w in self.qkv.unbind(0)
+        )
+        mask = ~padding[:, None, None, :]  # (n, 1, 1, L): True = attend
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out.transpose(1, 2).reshape(n, length, width)
+
+
+class AttentionModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(9, 4)
+        self.attention = RawAttention(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        padding = tokens == 0
+        return self.head(self.attention(self.embed(tokens), padding=padding).mean(1))
+
+
+def test_per_layer_step_runs_sdpa_with_a_mask() -> None:
+    torch.manual_seed(0)
+    tokens = torch.randint(1, 9, (4, 5))
+    tokens[0, -2:] = 0  # padding
+    paths = check(AttentionModel().double(), tokens, signals=3)
+    assert paths["attention.qkv"] == "layer:RawAttention"
+    assert paths["embed.weight"] == "rule:Embedding" and paths["head.weight"] == "rule:Linear"
+
+
 class Recurrent(nn.Module):
     """A cell applied three times (shared weights) plus a tied read-out."""
 

@@ -286,7 +286,7 @@ def _rule_paths(
         try:
             found = _accumulate(output, examples, plan, source, memory_budget_bytes)
         except _UseFailed as failure:  # a per-layer step that cannot run: drop it, start over
-            reason = f"per-layer step on {failure.use.candidate.label} failed: {failure}"
+            reason = f"per-layer step on {failure.use.candidate.label} failed: {_short(failure)}"
             logger.debug("ewc: %s", reason)
             excluded.update(dict.fromkeys(failure.use.names.values(), reason))
             continue
@@ -610,6 +610,13 @@ def _fallback_sums(
         return sums, "vmap", None
     except Exception as error:  # vmap cannot run this model: fall back to the example loop
         logger.debug("ewc: vmap path failed (%s); using the per-example loop", error)
-        failure = f"vmap failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        failure = f"vmap failed: {type(error).__name__}: {_short(error)}"
         sums = loop_sums(model, params, batch, run_model, signals, memory_budget_bytes)
         return sums, "loop", failure
+
+
+def _short(error: BaseException, limit: int = 120) -> str:
+    """The first line of an error message, cut to ``limit`` characters (for the warning)."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils import _pytree as pytree
 
-from ewc._per_sample.batching import slice_examples, vmap_in_dims
+from ewc._per_sample.batching import slice_examples
 from ewc._per_sample.rules.registry import accumulator_dtype, chunk_size
 from ewc._per_sample.signals import SignalSource, as_source
 from ewc._typing import TensorDict
@@ -86,12 +86,24 @@ def vmap_sums(
     chunk = chunk_size(examples, k_step * param_bytes, memory_budget_bytes)
     del first
 
-    def output_of(param_values: tuple[Tensor, ...], example: Any) -> Tensor:
-        one = pytree.tree_map(lambda x: x.unsqueeze(0) if isinstance(x, Tensor) else x, example)
+    # Which leaves carry the examples is decided on the whole batch, so that a tensor shared by
+    # all examples (a broadcast mask) is never cut or given a batch dimension of its own.
+    flat, spec = pytree.tree_flatten(batch)
+    batched = [
+        i
+        for i, leaf in enumerate(flat)
+        if isinstance(leaf, Tensor) and leaf.dim() >= 1 and leaf.shape[0] == examples
+    ]
+
+    def output_of(param_values: tuple[Tensor, ...], example: tuple[Tensor, ...]) -> Tensor:
+        leaves = list(flat)
+        for i, tensor in zip(batched, example):
+            leaves[i] = tensor.unsqueeze(0)
+        one = pytree.tree_unflatten(leaves, spec)
         bound = {f"model.{name}": value for name, value in zip(names, param_values)}
         return functional_call(runner, bound, (one,), strict=False)
 
-    def squared_for_example(example: Any, example_signals: Tensor) -> tuple[Tensor, ...]:
+    def squared_for_example(example: tuple[Tensor, ...], example_signals: Tensor) -> Any:
         pullback = vjp(lambda *vals: output_of(vals, example), *values)[1]
         grads = vmap(pullback)(example_signals.unsqueeze(1))
         return tuple(g.to(accumulator_dtype(g.dtype)).square().sum(0) for g in grads)
@@ -101,13 +113,12 @@ def vmap_sums(
         part_signals = source.chunk(k0, min(count, k0 + k_step))
         for start in range(0, examples, chunk):
             stop = min(examples, start + chunk)
-            part = slice_examples(batch, start, stop, examples)
-            in_dims = (vmap_in_dims(part, stop - start), 1)
+            part = tuple(flat[i][start:stop] for i in batched)
             with warnings.catch_warnings(), torch.no_grad():
                 # functorch's notice that an op (e.g. attention's backward) is batched by a loop
                 # inside vmap: expected here, and the report already names this path ("vmap")
                 warnings.filterwarnings("ignore", message=_SLOW_BATCHING_NOTICE)
-                squared = vmap(squared_for_example, in_dims=in_dims)(
+                squared = vmap(squared_for_example, in_dims=(0, 1))(
                     part, part_signals[:, start:stop]
                 )
             for total, term in zip(sums, squared):

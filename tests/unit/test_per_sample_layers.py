@@ -372,3 +372,23 @@ def test_no_fallback_warning_on_rules() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", FallbackWarning)
         EWC(1.0, fisher="exact").consolidate(model, loader, nn.CrossEntropyLoss())
+
+
+class SharedInBatch(nn.Module):
+    """The batch carries a tensor shared by all examples (no batch dim); the weight is also used
+    outside its module, so the whole-model ``vmap`` computes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, shift = batch
+        return self.fc(x + shift) + F.linear(x.square(), self.fc.weight)
+
+
+def test_whole_model_vmap_leaves_shared_batch_tensors_alone() -> None:
+    torch.manual_seed(0)
+    batch = (torch.randn(4, 3, dtype=torch.float64), torch.randn(1, 3, dtype=torch.float64))
+    paths = check(SharedInBatch().double(), batch, signals=2, budget=1)
+    assert paths["fc.weight"] == "vmap"

@@ -87,6 +87,7 @@ def _state_tensors(reg: EWC) -> list[Tensor]:
     return found
 
 
+@pytest.mark.filterwarnings("ignore::ewc.FallbackWarning")  # the vmap and loop cases
 @pytest.mark.parametrize("fisher", ["exact", "empirical"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_state_has_no_graph_and_the_penalty_trains(case: str, fisher: str) -> None:

@@ -218,3 +218,58 @@ def test_gpt2_consolidation_empirical_with_penalty_in_the_loss() -> None:
         loss = criterion(output, target) + reg.penalty(model)
         loss.backward()
         optimizer.step()
+
+
+class _Conv1DTwice(nn.Module):
+    """HF ``Conv1D`` on 2-D and on 3-D inputs, one of them called twice (per-example path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.flat = Conv1D(5, 3)  # nf=5 outputs, nx=3 inputs
+        self.again = Conv1D(5, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.flat(x))
+        return self.again(torch.tanh(self.again(h)))
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (4, 5, 3)], ids=["2d", "sequence"])
+def test_conv1d_rule_and_its_per_example_gradients(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    model = _Conv1DTwice().double().eval()
+    x = torch.randn(*shape, dtype=torch.float64)
+    params = dict(model.named_parameters())
+
+    def run(m: nn.Module, batch: Tensor) -> tuple[Tensor, Any]:
+        return m(batch), None
+
+    make = _signals(3)
+    result = squared_grad_sums(model, params, x, run, make, memory_budget_bytes=1)
+    expected = brute_force_squared_grad_sums(model, params, x, run, make)
+    for name in params:
+        assert result.paths[name] == "rule:Conv1D", (name, result.paths[name])
+        torch.testing.assert_close(result.sums[name].double(), expected[name], rtol=1e-10, atol=0)
+
+
+def test_conv1d_match_is_structural_and_exact() -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    from ewc.rules import rule_for
+
+    class Tweaked(Conv1D):  # a subclass may change forward: no rule
+        pass
+
+    class Lookalike(nn.Module):  # same name and attributes, not from transformers
+        def __init__(self) -> None:
+            super().__init__()
+            self.nf = 2
+            self.weight = nn.Parameter(torch.zeros(3, 2))
+            self.bias = nn.Parameter(torch.zeros(2))
+
+    Lookalike.__name__ = "Conv1D"
+    rule = rule_for(Conv1D(2, 3))
+    assert rule is not None and rule.path == "rule:Conv1D"
+    assert rule_for(Tweaked(2, 3)) is None
+    assert rule_for(Lookalike()) is None

@@ -392,3 +392,19 @@ def test_whole_model_vmap_leaves_shared_batch_tensors_alone() -> None:
     batch = (torch.randn(4, 3, dtype=torch.float64), torch.randn(1, 3, dtype=torch.float64))
     paths = check(SharedInBatch().double(), batch, signals=2, budget=1)
     assert paths["fc.weight"] == "vmap"
+
+
+def test_core_needs_no_transformers_for_its_hugging_face_rules() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for m in ('transformers', 'peft', 'torchvision'):\n"
+        "    sys.modules[m] = None\n"
+        "import torch, ewc\n"
+        "from ewc.rules import rule_for\n"
+        "assert rule_for(torch.nn.Linear(2, 2)) is not None\n"
+        "assert 'transformers' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -46,7 +46,6 @@ raised by the data pipeline, the model or the criterion propagates unchanged (th
 from __future__ import annotations
 
 import functools
-import importlib.util
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -59,6 +58,7 @@ from ewc import huggingface
 from ewc._per_sample import squared_grad_sums
 from ewc._per_sample.batching import UncuttableBatchError, batch_size_of, first_examples
 from ewc._per_sample.engine import DEFAULT_MEMORY_BUDGET_BYTES, SquaredGradSums
+from ewc._per_sample.report import warn_fallbacks
 from ewc._typing import Batch, Criterion, ForwardFn, TensorDict
 from ewc.errors import ConsolidationError, UnsupportedCriterionError
 from ewc.likelihoods import LazySignals, Likelihood, likelihood_for, registered_criteria
@@ -241,6 +241,7 @@ def fisher_sums(
     accumulated: TensorDict = {}  # the first batch's fresh sums become the accumulators
     count = examples = batch_count = 0
     paths: dict[str, str] = {}
+    reasons: dict[str, str] = {}
     for raw in _limited(batches, max_samples):
         batch = _plain(raw)
         if batch_size_of(batch) == 0:
@@ -255,6 +256,7 @@ def fisher_sums(
             result = _engine_pass(model, params, batch, run_model, make_signals)
             sums, seen = result.sums, result.examples
             paths.update(result.paths)
+            reasons.update(result.reasons)
             del result
             count += seen
         if seen == 0:
@@ -279,6 +281,7 @@ def fisher_sums(
                 f"the Fisher of parameter {name!r} is NaN or infinite (the loss or a gradient "
                 "overflowed); the consolidated state is unchanged"
             )
+    warn_fallbacks(paths, params, reasons)  # once per pass, naming what left the rules
     return FisherSums(accumulated, count, examples, batch_count, paths)
 
 
@@ -380,11 +383,6 @@ def _pair(result: Any) -> tuple[Tensor, Any]:
 
 
 @functools.cache
-def _engine_takes_sources() -> bool:
-    """Whether the per-example engine consumes lazy signal sources (``ewc._per_sample.signals``)."""
-    return importlib.util.find_spec("ewc._per_sample.signals") is not None
-
-
 def _engine_pass(
     model: nn.Module,
     params: Mapping[str, Tensor],
@@ -392,54 +390,16 @@ def _engine_pass(
     run_model: ForwardFn,
     make_signals: Callable[[Tensor, Any], Tensor | LazySignals],
 ) -> SquaredGradSums:
-    """One batch through the engine, lazy signals included.
-
-    An engine that consumes signal sources gets them as they are. Otherwise a lazy source is fed
-    in chunks of at most :data:`DEFAULT_MEMORY_BUDGET_BYTES`: one engine call per chunk (one more
-    forward each), the sums added up.
-    """
-    budget = DEFAULT_MEMORY_BUDGET_BYTES  # read at call time: a module setting
-    if _engine_takes_sources():
-        return squared_grad_sums(
-            model,
-            params,
-            batch,
-            run_model,
-            make_signals,  # type: ignore[arg-type]
-            memory_budget_bytes=budget,
-        )
-    lazy: list[tuple[LazySignals, int]] = []
-
-    def first_chunk(output: Tensor, target: Any) -> Tensor:
-        signals = make_signals(output, target)
-        if isinstance(signals, Tensor):
-            return signals
-        step = max(1, budget // max(1, signals.bytes_per_signal()))
-        lazy.append((signals, step))
-        return signals.chunk(0, min(step, len(signals)))
-
-    result = squared_grad_sums(
-        model, params, batch, run_model, first_chunk, memory_budget_bytes=budget
+    """One batch through the engine; lazy signals are read by the engine in budget-sized chunks
+    (:mod:`ewc._per_sample.signals`)."""
+    return squared_grad_sums(
+        model,
+        params,
+        batch,
+        run_model,
+        make_signals,
+        memory_budget_bytes=DEFAULT_MEMORY_BUDGET_BYTES,  # read at call time: a module setting
     )
-    if not lazy:
-        return result
-    source, step = lazy[0]
-    for start in range(step, len(source), step):
-        stop = min(start + step, len(source))
-
-        def next_chunk(
-            _output: Tensor, _target: Any, start: int = start, stop: int = stop
-        ) -> Tensor:
-            return source.chunk(start, stop)
-
-        more = squared_grad_sums(
-            model, params, batch, run_model, next_chunk, memory_budget_bytes=budget
-        )
-        for name, total in result.sums.items():
-            total.add_(more.sums[name])
-        del more
-    result.signals = len(source)
-    return result
 
 
 def _batch_gradient_squares(

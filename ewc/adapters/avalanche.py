@@ -177,9 +177,9 @@ class EWCPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         loader = DataLoader(
             dataset, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers
         )
-        fisher, self.last_report = _estimate(
-            self.reg, model, loader, criterion, _avalanche_forward(device)
-        )
+        estimate = self.reg.estimate(model, loader, criterion, forward=_avalanche_forward(device))
+        self.last_report = estimate.report
+        fisher = estimate.fisher
         model.train()
         return {
             name: ParamData(name, init_tensor=value, device=value.device)
@@ -257,30 +257,6 @@ def _param_data(tensors: Mapping[str, Tensor]) -> dict[str, ParamData]:
         name: ParamData(name, init_tensor=tensor.clone(), device=tensor.device)
         for name, tensor in tensors.items()
     }
-
-
-def _estimate(
-    reg: EWC,
-    model: nn.Module,
-    loader: DataLoader[Any],
-    criterion: Callable[..., Tensor],
-    forward: Callable[[nn.Module, Batch], Any],
-) -> tuple[Mapping[str, Tensor], ConsolidationReport]:
-    """The Fisher at the current weights with ``reg``'s settings, without adding a task."""
-    estimate = getattr(reg, "estimate", None)
-    if estimate is not None:  # ewc.EWC.estimate (the core's public route)
-        result = estimate(model, loader, criterion, forward=forward)
-        return result.fisher, result.report
-    # until EWC.estimate exists: an EWC with the same estimator settings and no state
-    scratch = EWC(
-        reg.ewc_lambda,
-        fisher=reg.fisher,
-        mc_samples=reg.mc_samples,
-        max_samples=reg.max_samples,
-        params=reg.params,
-    )
-    report = scratch.consolidate(model, loader, criterion, forward=forward)
-    return scratch.state.importance, report
 
 
 def _avalanche_forward(device: torch.device | str) -> Callable[[nn.Module, Batch], Any]:

@@ -248,7 +248,7 @@ class EWCCallback(TrainerCallback):
         self.last_report = self.reg.consolidate(
             model,
             _without_padding(data) if self.dataloader is None else data,
-            self.criterion,  # type: ignore[arg-type]  # None: resolved by the core
+            self.criterion,  # None: resolved by the core
             forward=self.forward,
         )
         return self.last_report

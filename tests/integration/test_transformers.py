@@ -342,12 +342,10 @@ def lm_task(seed: int, size: int = 8, length: int = 10) -> DictDataset:
     )
 
 
-def _hf_default_forward_available() -> bool:
-    try:
-        import ewc.huggingface  # noqa: F401
-    except ModuleNotFoundError:
-        return False
-    return True
+def lm_forward_flat(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Causal shift by hand, ``(n, L-1, V)`` logits against ``(n, L-1)`` labels."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits[:, :-1], batch["labels"][:, 1:]
 
 
 def lm_forward(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -357,12 +355,9 @@ def lm_forward(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tens
 
 
 def test_causal_lm_with_ignored_labels_consolidates_on_the_trainers_batches(tmp_path: Path) -> None:
-    default = _hf_default_forward_available()
-    forward, criterion = (None, None) if default else (lm_forward, nn.CrossEntropyLoss())
-    fisher = "exact" if default else "batched"  # today's core has no token-level likelihood
     model, data = tiny_gpt2(), lm_task(0)
-    reg = EWC(10.0, fisher=fisher)
-    callback = EWCCallback(reg, forward=forward, criterion=criterion)
+    reg = EWC(10.0, fisher="exact")
+    callback = EWCCallback(reg)  # the core's Hugging Face forward and criterion
     EWCTrainer(
         model=model,
         args=args(tmp_path, per_device_train_batch_size=8),
@@ -370,12 +365,10 @@ def test_causal_lm_with_ignored_labels_consolidates_on_the_trainers_batches(tmp_
         callbacks=[callback],
     ).train()
     assert reg.tasks == 1
-    reference = EWC(10.0, fisher=fisher)  # one batch of all 8 sequences, as the trainer's
+    # by hand: the causal shift, the -100 positions left out, each sequence one example
+    reference = EWC(10.0, fisher="exact")
     reference.consolidate(
-        model,
-        DataLoader(data, batch_size=8),
-        criterion if criterion is not None else None,  # type: ignore[arg-type]
-        forward=forward,
+        model, DataLoader(data, batch_size=3), nn.CrossEntropyLoss(), forward=lm_forward_flat
     )
     assert reg.state.importance.keys() == reference.state.importance.keys()
     for name, importance in reference.state.importance.items():

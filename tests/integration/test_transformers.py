@@ -413,3 +413,28 @@ def test_import_without_transformers_gives_the_install_hint() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_under_fp16_loss_scaling_the_penalty_gradient_is_scaled_with_the_task_gradient() -> None:
+    # what EWCTrainerMixin adds before Accelerate's GradScaler unscales (no CPU fp16 scaler to run)
+    from ewc.adapters.transformers import _penalty_grad
+
+    model, reg = TinyClassifier(), EWC(7.0)
+    reg.consolidate(
+        model,
+        DataLoader(classification_task(0), batch_size=8),
+        nn.CrossEntropyLoss(),
+        forward=classifier_forward,
+    )
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.1)
+    plain = _penalty_grad(reg, model, 1.0, True)
+    unscaled = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    scaled = _penalty_grad(reg, model, 2.0**16, True)
+    assert reg.ewc_lambda == 7.0  # restored
+    assert plain is not None and scaled is not None and float(plain) > 0
+    torch.testing.assert_close(scaled, plain)  # the logged value is the unscaled penalty
+    for param, want in zip(model.parameters(), unscaled):
+        assert torch.equal(param.grad / 2.0**16, want)  # power-of-two scale: exact

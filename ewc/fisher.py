@@ -45,7 +45,6 @@ raised by the data pipeline, the model or the criterion propagates unchanged (th
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -382,7 +381,6 @@ def _pair(result: Any) -> tuple[Tensor, Any]:
     return output, target
 
 
-@functools.cache
 def _engine_pass(
     model: nn.Module,
     params: Mapping[str, Tensor],

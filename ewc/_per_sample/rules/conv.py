@@ -262,9 +262,9 @@ def _by_examples(
     n_chunk = chunk_size(examples, k_chunk * grads_bytes + groups * row * positions * item, budget)
     total = x.new_zeros(groups, per_group, row)
     for n0 in range(0, examples, n_chunk):
-        cols = unfold_input(conv, x[n0 : n0 + n_chunk], positions_first=True)  # (L, c, G R)
-        c = cols.shape[1]
-        cols_t = cols.view(positions, c, groups, row).permute(1, 2, 0, 3)  # (c, G, L, R), a view
+        cols = unfold_input(conv, x[n0 : n0 + n_chunk])  # (c, G R, L)
+        c = cols.shape[0]
+        cols_t = cols.view(c, groups, row, positions).transpose(-1, -2)  # (c, G, L, R), a view
         for k0 in range(0, count, k_chunk):
             gs = g[k0 : k0 + k_chunk, n0 : n0 + n_chunk]  # (kc, c, G, O/G, L)
             kc = gs.shape[0]

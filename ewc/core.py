@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ewc import _reversal
 from ewc import distributed as _distributed
 from ewc import fisher as fisher_lib
 from ewc._fused import FusedKernel, fused_kernel
@@ -84,6 +85,11 @@ class EWC:
             loader (about 20 s the first time on a machine, then cached on disk), so it needs a
             C++ compiler and ninja; a RuntimeError says so when the build fails. Other
             devices, and gradients whose dtype differs from the state's, use the default path.
+        logits_reversal: EWC-DR (Liu & Chang 2026): the importance comes from the loss on the
+            negated output, ``loss(-f(x), y)``; ``empirical`` and ``batched`` only (see
+            :mod:`ewc._reversal`).
+        max_importance: clamp every entry of each task's Fisher at this value (finite, > 0)
+            before the task is folded in, also for :meth:`add_task`; EWC-DR's code uses 1e-4.
 
     Example:
         >>> import torch
@@ -110,6 +116,8 @@ class EWC:
         params: ParamSelector = None,
         process_group: Any = None,
         fused: bool = False,
+        logits_reversal: bool = False,
+        max_importance: float | None = None,
     ) -> None:
         self.ewc_lambda = _check_lambda(ewc_lambda)
         if mode not in MODES:
@@ -142,6 +150,8 @@ class EWC:
             None if max_samples is None else _check_positive_int(max_samples, "max_samples")
         )
         self.params = _check_selector(params)
+        self.logits_reversal = _reversal.check_logits_reversal(logits_reversal, fisher)
+        self.max_importance = _reversal.check_max_importance(max_importance)
         self.process_group = process_group
         if not isinstance(fused, bool):
             raise TypeError(f"Expected argument `fused` to be a bool but got {fused!r}")
@@ -217,7 +227,7 @@ class EWC:
                     estimator=self.fisher,
                     mc_samples=self.mc_samples,
                     max_samples=self.max_samples,
-                    forward=forward,
+                    forward=_reversal.fisher_forward(forward, self.logits_reversal),
                     on_batch=on_batch,
                 )
             except (ConsolidationError, TypeError, ValueError):
@@ -232,6 +242,7 @@ class EWC:
             name: value.to(storage_dtype(params[name].dtype))
             for name, value in fisher_lib.fisher_from_sums(sums.sums, sums.count).items()
         }
+        fisher = _reversal.clamped(fisher, self.max_importance)
         anchor = {
             name: _distributed.local_tensor(p.detach()).to(storage_dtype(p.dtype), copy=True)
             for name, p in params.items()
@@ -281,7 +292,9 @@ class EWC:
             checked_anchor[name] = (
                 anchor[name].detach().to(device=value.device, dtype=dtype, copy=True)
             )
-        self._add_checked_task(checked_fisher, checked_anchor)
+        self._add_checked_task(
+            _reversal.clamped(checked_fisher, self.max_importance), checked_anchor
+        )
 
     def _add_checked_task(self, fisher: Mapping[str, Tensor], anchor: Mapping[str, Tensor]) -> None:
         """Fold a validated ``(F, a)`` that this object owns (no copies) into a new state."""

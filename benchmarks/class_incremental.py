@@ -79,7 +79,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "full": {
         "seeds": 3,
         "lambdas": [10.0**k for k in range(0, 10, 2)],
-        "epochs": 12,
+        "epochs": 8,
         "train_per_task": 200,
         "channels": 16,
     },
@@ -191,7 +191,8 @@ def class_incremental_run(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     spec = METHODS[method]
-    reg = None if spec is None else EWC(lam, **spec)
+    clamp = spec is not None and spec.get("max_importance") is not None
+    reg = None if spec is None else EWC(lam, keep_importance_data=clamp, **spec)
     model = GrowingHeadNet(config["channels"], 2)
     criterion = nn.CrossEntropyLoss()
     run_model: Callable[[nn.Module, Tensor], Tensor] = lambda m, x: m(x)  # noqa: E731
@@ -210,10 +211,16 @@ def class_incremental_run(
             reg.add_task({n: scale * v for n, v in importance.items()}, anchor)
         else:
             reg.consolidate(model, _batches(x, y, FISHER_BATCH, None), criterion)
+    clamped = float("nan")
+    if clamp and reg is not None:  # share of importance entries at the cap, over the tasks
+        tasks_fisher = [entry["fisher"] for entry in reg.state.history]
+        at_cap = sum(int((v >= DR_CLAMP).sum()) for f in tasks_fisher for v in f.values())
+        clamped = 100 * at_cap / sum(v.numel() for f in tasks_fisher for v in f.values())
     return {
         "method": method,
         "lambda": lam,
         "seed": seed,
+        "clamped_%": clamped,
         "A_last": accuracies[-1],
         "A_avg": statistics.fmean(accuracies),
         "per_task": accuracies,
@@ -236,6 +243,7 @@ def _summary(runs: list[Row]) -> tuple[list[Row], list[Row]]:
                     "A_avg_%": avg,
                     "A_avg_se": avg_se,
                     "seeds": len(mine),
+                    "clamped_%": statistics.fmean(r["clamped_%"] for r in mine),
                 }
             )
     best = []

@@ -65,6 +65,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
+# Other settings tried in search of one where the estimators separate (run one with
+# ``python -m benchmarks.mnist1d_quality --setting NAME``): changes to the full configuration.
+SETTINGS: dict[str, dict[str, Any]] = {
+    "few-shot-long": {"seeds": 3, "train_per_task": 50, "epochs": 40},  # 80 iterations, overfit
+}
+
+
 # ---------------------------------------------------------------------------- data
 @functools.lru_cache(maxsize=1)
 def mnist1d() -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -242,3 +249,30 @@ def _plot(curve: list[Row], path: Path, config: dict[str, Any]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def main() -> None:
+    """Run the full sweep in one of :data:`SETTINGS`; print and save its tables and plot."""
+    import argparse
+
+    from benchmarks._common import format_table, write_json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--setting", choices=sorted(SETTINGS), required=True)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    config = {**CONFIGS["full"], **SETTINGS[args.setting]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    curve, best = _summarise(sweep(config), [*ESTIMATORS, NONE])
+    curve.sort(key=lambda c: (c["method"], c["lambda"]))
+    _plot(curve, args.out / f"quality_split_mnist1d_{args.setting}.png", config)
+    print(format_table(best, f"[Split MNIST-1D, {args.setting}: {config}]"))
+    write_json(
+        args.out / f"quality_split_mnist1d_{args.setting}.json",
+        {"config": config, "best": best, "curve": curve},
+    )
+
+
+if __name__ == "__main__":
+    main()

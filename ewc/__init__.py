@@ -8,7 +8,7 @@ The core imports no training framework; adapters live in :mod:`ewc.adapters`.
 
 from __future__ import annotations
 
-from ewc.core import EWC, ConsolidationReport
+from ewc.core import EWC, ConsolidationReport, FisherEstimate
 from ewc.errors import (
     ConsolidationError,
     EWCError,
@@ -27,6 +27,7 @@ __all__ = [
     "ConsolidationError",
     "ConsolidationReport",
     "EWCError",
+    "FisherEstimate",
     "FisherSums",
     "ParameterMismatchError",
     "StateDictError",

@@ -1,15 +1,21 @@
-"""The :class:`EWC` regulariser: orchestrates :mod:`ewc.fisher`, :mod:`ewc.penalty` and
-:mod:`ewc.store`; it holds no maths of its own."""
+"""The :class:`EWC` regulariser: a thin stateful object over pure functions.
+
+It checks its own arguments and orchestrates; the work is done below it: :mod:`ewc.fisher`
+estimates the Fisher, :mod:`ewc.store` keeps the consolidated quadratic and validates everything
+that enters it, :meth:`ewc.store.ConsolidatedState.bind` (:mod:`ewc.aligned`) aligns that state
+with a model, and :mod:`ewc.penalty` evaluates the penalty and its gradient.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -19,18 +25,20 @@ from ewc import distributed as _distributed
 from ewc import fisher as fisher_lib
 from ewc._fused import FusedKernel, fused_kernel
 from ewc._typing import Batch, Criterion, ForwardFn, ParamSelector
-from ewc.errors import ConsolidationError, ParameterMismatchError, StateDictError
-from ewc.penalty import CPU_BLOCK_ELEMENTS, add_penalty_grad_, overlap
-from ewc.store import FORMAT_NAME, FORMAT_VERSION, ConsolidatedState, storage_dtype
+from ewc.aligned import AlignedState, check_model_fits, named_parameters, unwrap
+from ewc.errors import ConsolidationError, EWCError, StateDictError
+from ewc.store import ConsolidatedState, check_task, pack, storage_dtype, task_copies, unpack
 
-__all__ = ["EWC", "ConsolidationReport"]
+__all__ = ["EWC", "ConsolidationReport", "FisherEstimate"]
 
 MODES = ("separate", "online")
+
+Reduce = Callable[[fisher_lib.FisherSums], fisher_lib.FisherSums]
 
 
 @dataclass(frozen=True)
 class ConsolidationReport:
-    """What one :meth:`EWC.consolidate` did.
+    """What one :meth:`EWC.consolidate` (or :meth:`EWC.estimate`) did.
 
     Attributes:
         examples: examples the Fisher was averaged over.
@@ -47,14 +55,23 @@ class ConsolidationReport:
     paths: dict[str, str] = field(default_factory=dict)
 
 
-_AlignedCache = tuple[
-    list[tuple[torch.Size, torch.dtype, torch.device]],
-    list["weakref.ref[nn.Parameter]"],
-    list[tuple[str, Tensor, Tensor]],
-]
-"""What :meth:`EWC._aligned` last checked: the model parameters' (shape, dtype, device), the
-parameters themselves (weakly: the cache keeps no model alive) and (name, A, m) per
-consolidated parameter."""
+@dataclass(frozen=True)
+class FisherEstimate:
+    """A Fisher estimated by :meth:`EWC.estimate`, not yet added as a task.
+
+    ``reg.add_task(estimate.fisher, estimate.anchor)`` adds it, exactly as
+    :meth:`EWC.consolidate` would have.
+
+    Attributes:
+        fisher: the diagonal Fisher ``F`` per selected parameter (float32 or wider; under FSDP2
+            this rank's shard).
+        anchor: the weights it was estimated at, ``a`` (copies, same dtypes as ``fisher``).
+        report: what the estimation did.
+    """
+
+    fisher: dict[str, Tensor]
+    anchor: dict[str, Tensor]
+    report: ConsolidationReport
 
 
 class EWC:
@@ -65,6 +82,10 @@ class EWC:
     ``P = ewc_lambda * sum_i G_i (theta_i - a_i)^2`` with ``G <- decay_factor * G + F``. Either
     is stored as one quadratic per parameter, so memory and per-step cost are O(P) whatever the
     number of tasks.
+
+    :meth:`consolidate` ends a task (:meth:`estimate` then :meth:`add_task`); :meth:`penalty`
+    (for the loss) and :meth:`penalty_grad_` (added to ``.grad``) read the consolidated state
+    through one aligned view of it (:meth:`ewc.store.ConsolidatedState.bind`).
 
     Args:
         ewc_lambda: penalty strength, a float >= 0.
@@ -120,30 +141,13 @@ class EWC:
         max_importance: float | None = None,
     ) -> None:
         self.ewc_lambda = _check_lambda(ewc_lambda)
-        if mode not in MODES:
-            raise ValueError(f"Expected argument `mode` to be one of {MODES} but got {mode!r}")
-        if mode == "online" and decay_factor is None:
-            raise ValueError("Argument `decay_factor` is required with mode='online' but got None")
-        if mode == "separate" and decay_factor is not None:
-            raise ValueError(
-                f"Argument `decay_factor` is only used with mode='online' but got "
-                f"decay_factor={decay_factor!r} with mode='separate'"
-            )
-        if decay_factor is not None:
-            decay_factor = _check_unit_interval(decay_factor, "decay_factor")
-        if not isinstance(keep_importance_data, bool):
-            raise TypeError(
-                "Expected argument `keep_importance_data` to be a bool but got "
-                f"{keep_importance_data!r}"
-            )
+        self.mode, self.decay_factor = _check_mode(mode, decay_factor)
+        self.keep_importance_data = _check_bool(keep_importance_data, "keep_importance_data")
         if fisher not in fisher_lib.ESTIMATORS:
             raise ValueError(
                 f"Expected argument `fisher` to be one of {fisher_lib.ESTIMATORS} "
                 f"but got {fisher!r}"
             )
-        self.mode = mode
-        self.decay_factor = decay_factor
-        self.keep_importance_data = keep_importance_data
         self.fisher = fisher
         self.mc_samples = _check_positive_int(mc_samples, "mc_samples")
         self.max_samples = (
@@ -153,12 +157,9 @@ class EWC:
         self.logits_reversal = _reversal.check_logits_reversal(logits_reversal, fisher)
         self.max_importance = _reversal.check_max_importance(max_importance)
         self.process_group = process_group
-        if not isinstance(fused, bool):
-            raise TypeError(f"Expected argument `fused` to be a bool but got {fused!r}")
-        self.fused = fused
+        self.fused = _check_bool(fused, "fused")
         # built now, so a machine without a compiler fails here rather than mid-training
         self._fused_kernel: FusedKernel | None = fused_kernel() if fused else None
-        self._workspace: dict[str, Tensor] = {}
         self._set_state(ConsolidatedState())
 
     # ------------------------------------------------------------------ state
@@ -174,130 +175,133 @@ class EWC:
 
     def _set_state(self, state: ConsolidatedState) -> None:
         self._state = state
-        self._workspace = {}
-        self._aligned_cache: _AlignedCache | None = None
+        self._aligned: AlignedState | None = None
+
+    def _bind(self, model: nn.Module) -> AlignedState:
+        """The state aligned with ``model``; the view of the last call when it still fits."""
+        self._aligned = self._state.bind(model, reuse=self._aligned)
+        return self._aligned
 
     # ------------------------------------------------------------------ consolidation
-    def consolidate(
+    def estimate(
         self,
         model: nn.Module,
         dataloader: Iterable[Batch],
-        criterion: Criterion,
+        criterion: Criterion | None = None,
         *,
         forward: ForwardFn | None = None,
         progress: bool = False,
-        reduce: Callable[[fisher_lib.FisherSums], fisher_lib.FisherSums] | None = None,
-    ) -> ConsolidationReport:
-        """Estimate the Fisher at the current weights on ``dataloader`` and add the task.
+        reduce: Reduce | None = None,
+    ) -> FisherEstimate:
+        """Estimate the Fisher at the current weights with this object's settings; add no task.
 
-        Args:
-            model: the model, trained on the task just finished.
-            dataloader: any iterable of batches; by default ``(inputs, targets, *ignored)``.
-            criterion: the task loss, e.g. ``nn.CrossEntropyLoss()``; selects the likelihood for
-                ``exact``/``sample``.
-            forward: ``forward(model, batch) -> (output, target)`` for other batch layouts.
-            progress: show a tqdm progress bar with examples/s.
-            reduce: combines the Fisher sums across processes before the division; default: an
-                all-reduce over ``process_group`` when ``torch.distributed`` is initialised.
-
-        Returns:
-            a :class:`ConsolidationReport`.
+        Arguments as for :meth:`consolidate`. The result's ``fisher`` and ``anchor`` are what
+        :meth:`consolidate` would add (``add_task`` adds them). Cost: one Fisher pass (see
+        :mod:`ewc.fisher`); O(P) for the result.
 
         Raises:
-            ConsolidationError: no data, NaN/inf, or an exception in the data pipeline; the
-                previous state is left exactly as it was (also on KeyboardInterrupt).
+            ConsolidationError: as :meth:`consolidate`; the consolidated state is never changed.
         """
         started = time.perf_counter()
-        model = _distributed.unwrap(model)
-        params = self._selected_params(model)
-        _check_state_fits_model(self._state, model)
+        _check_module(model)
+        _check_call_arguments(dataloader, criterion, forward, progress, reduce)
+        module = unwrap(model)
+        params = _selected(module, self.params)
         with (
-            _eval_mode(model),
+            _eval_mode(module),
             _progress_bar(progress) as on_batch,
             _distributed.fisher_pass(
-                model, params, self.process_group, reduce=reduce
+                module, params, self.process_group, reduce=reduce
             ) as fisher_pass,
         ):
-            try:
-                sums = fisher_lib.fisher_sums(
-                    model,
+            sums = _user_code(
+                lambda: fisher_lib.fisher_sums(
+                    module,
                     fisher_pass.params,
                     dataloader,
-                    criterion,
+                    criterion,  # type: ignore[arg-type]  # None: ewc.fisher picks a default
                     estimator=self.fisher,
                     mc_samples=self.mc_samples,
                     max_samples=self.max_samples,
                     forward=_reversal.fisher_forward(forward, self.logits_reversal),
                     on_batch=on_batch,
                 )
-            except (ConsolidationError, TypeError, ValueError):
-                raise
-            except Exception as error:
-                raise ConsolidationError(
-                    f"consolidation failed while reading data or running the model "
-                    f"({type(error).__name__}: {error}); the consolidated state is unchanged"
-                ) from error
-        sums = fisher_pass.reduce(sums)
-        fisher = {
-            name: value.to(storage_dtype(params[name].dtype))
-            for name, value in fisher_lib.fisher_from_sums(sums.sums, sums.count).items()
-        }
+            )
+        sums = _user_code(lambda: fisher_pass.reduce(sums)) if reduce else fisher_pass.reduce(sums)
+        fisher, anchor = _task_from(sums, params, reduced=reduce is not None)
         fisher = _reversal.clamped(fisher, self.max_importance)
-        anchor = {
-            name: _distributed.local_tensor(p.detach()).to(storage_dtype(p.dtype), copy=True)
-            for name, p in params.items()
-        }
-        self._add_checked_task(fisher, anchor)
-        return ConsolidationReport(
+        report = ConsolidationReport(
             examples=sums.examples,
             batches=sums.batches,
             seconds=time.perf_counter() - started,
             estimator=self.fisher,
             paths=sums.paths,
         )
+        return FisherEstimate(fisher, anchor, report)
+
+    def consolidate(
+        self,
+        model: nn.Module,
+        dataloader: Iterable[Batch],
+        criterion: Criterion | None = None,
+        *,
+        forward: ForwardFn | None = None,
+        progress: bool = False,
+        reduce: Reduce | None = None,
+    ) -> ConsolidationReport:
+        """Estimate the Fisher at the current weights on ``dataloader`` and add the task.
+
+        :meth:`estimate` followed by :meth:`add_task`.
+
+        Args:
+            model: the model, trained on the task just finished.
+            dataloader: any iterable of batches; by default ``(inputs, targets, *ignored)``.
+            criterion: the task loss, e.g. ``nn.CrossEntropyLoss()``; selects the likelihood for
+                ``exact``/``sample``. None: :func:`ewc.fisher.fisher_sums` picks the default.
+            forward: ``forward(model, batch) -> (output, target)`` for other batch layouts.
+            progress: show a tqdm progress bar with examples/s.
+            reduce: combines the Fisher sums across processes before the division; default: an
+                all-reduce over ``process_group`` when ``torch.distributed`` is initialised.
+                Its result is checked (finite, non-negative sums and a positive count).
+
+        Returns:
+            a :class:`ConsolidationReport`.
+
+        Raises:
+            TypeError: an argument of the wrong type (named in the message).
+            ParameterMismatchError: a consolidated parameter no longer fits the model.
+            ConsolidationError: no parameter selected, no data, NaN/inf, or an exception raised
+                by the data pipeline, the model's forward, the criterion or ``reduce`` (the
+                original as ``__cause__``); the previous state is left exactly as it was (also
+                on KeyboardInterrupt).
+        """
+        _check_module(model)
+        check_model_fits(self._state, named_parameters(model))  # before the expensive pass
+        estimate = self.estimate(
+            model, dataloader, criterion, forward=forward, progress=progress, reduce=reduce
+        )
+        self._add_task(estimate.fisher, estimate.anchor)
+        return estimate.report
 
     def add_task(self, fisher: Mapping[str, Tensor], anchor: Mapping[str, Tensor]) -> None:
         """Consolidate a task whose diagonal Fisher ``F`` and anchor weights ``a`` you already have.
 
         The last step of :meth:`consolidate`, for importances computed elsewhere (Avalanche's
-        ``update_importances``, a Fisher from another library). The tensors are validated and
-        copied into the state's dtype (float32 or wider). Cost: O(P).
+        ``update_importances``, a Fisher from another library, :meth:`estimate`). The tensors are
+        copied into the state's dtype (float32 or wider) and checked. Cost: O(P).
 
         Raises:
-            ValueError: names differ between ``fisher`` and ``anchor``, shapes differ, or the
-                Fisher has negative or non-finite entries; the state is unchanged.
+            TypeError: ``fisher``/``anchor`` are not mappings of names to tensors.
+            ValueError: no parameter, names or shapes differ between ``fisher`` and ``anchor``,
+                the Fisher has negative or non-finite entries, the anchor non-finite ones, or a
+                tensor is sparse, on the meta device or complex; the state is unchanged.
             ParameterMismatchError: a consolidated parameter shrank or changed rank.
         """
-        if set(fisher) != set(anchor):
-            raise ValueError(
-                f"Arguments `fisher` and `anchor` must name the same parameters but got "
-                f"{sorted(fisher)} and {sorted(anchor)}"
-            )
-        checked_fisher: dict[str, Tensor] = {}
-        checked_anchor: dict[str, Tensor] = {}
-        for name, value in fisher.items():
-            if not isinstance(value, Tensor) or not isinstance(anchor[name], Tensor):
-                raise TypeError(f"Expected tensors for parameter {name!r} in `fisher`/`anchor`")
-            if value.shape != anchor[name].shape:
-                raise ValueError(
-                    f"parameter {name!r} has a Fisher of shape {tuple(value.shape)} but an anchor "
-                    f"of shape {tuple(anchor[name].shape)}"
-                )
-            if not torch.isfinite(value).all() or (value < 0).any():
-                raise ValueError(
-                    f"the Fisher of parameter {name!r} has negative or non-finite values"
-                )
-            dtype = storage_dtype(anchor[name].dtype)
-            checked_fisher[name] = value.detach().to(dtype=dtype, copy=True)
-            checked_anchor[name] = (
-                anchor[name].detach().to(device=value.device, dtype=dtype, copy=True)
-            )
-        self._add_checked_task(
-            _reversal.clamped(checked_fisher, self.max_importance), checked_anchor
-        )
+        fisher_copy, anchor_copy = task_copies(fisher, anchor)
+        self._add_task(_reversal.clamped(fisher_copy, self.max_importance), anchor_copy)
 
-    def _add_checked_task(self, fisher: Mapping[str, Tensor], anchor: Mapping[str, Tensor]) -> None:
-        """Fold a validated ``(F, a)`` that this object owns (no copies) into a new state."""
+    def _add_task(self, fisher: Mapping[str, Tensor], anchor: Mapping[str, Tensor]) -> None:
+        """Fold a checked ``(F, a)`` that this object owns (no copies) into a new state."""
         self._set_state(
             self._state.with_task(
                 fisher,
@@ -308,89 +312,26 @@ class EWC:
             )
         )
 
-    def _selected_params(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        named = dict(model.named_parameters())
-        if self.params is None:
-            return {name: p for name, p in named.items() if p.requires_grad}
-        if callable(self.params):
-            return {n: p for n, p in named.items() if p.requires_grad and self.params(n, p)}
-        unknown = [name for name in self.params if name not in named]
-        if unknown:
-            raise ValueError(
-                f"Argument `params` names {unknown} which the model does not have; its parameters "
-                f"are {sorted(named)}"
-            )
-        return {name: named[name] for name in self.params if named[name].requires_grad}
-
     # ------------------------------------------------------------------ penalty
-    def _aligned(self, model: nn.Module) -> list[tuple[str, nn.Parameter, Tensor, Tensor]]:
-        """(name, param, A, m) for every consolidated parameter, checked, state on its device.
-
-        The first call after the model moved to another device moves the state once.
-        """
-        named = dict(_distributed.unwrap(model).named_parameters())
-        # the checks below cost more than the penalty for small models: skip them while the
-        # state and the model's parameters (identity, shape, dtype, device) are unchanged
-        fingerprint = [(p.shape, p.dtype, p.device) for p in named.values()]
-        cached = self._aligned_cache
-        if (
-            cached is not None
-            and cached[0] == fingerprint
-            and len(cached[1]) == len(named)
-            and all(ref() is p for ref, p in zip(cached[1], named.values()))
-        ):
-            return [(name, named[name], a, m) for name, a, m in cached[2]]
-        for name, importance in self._state.importance.items():
-            param = named.get(name)
-            if param is None:
-                raise ParameterMismatchError(
-                    f"parameter {name!r} was consolidated but the model has no parameter of that "
-                    "name (renamed, removed, or a wrapper added a prefix?)"
-                )
-            _check_param_fits(name, importance, param)
-        state = self._state
-        if any(state.importance[name].device != named[name].device for name in state.importance):
-            self._set_state(
-                ConsolidatedState(
-                    {n: t.to(named[n].device) for n, t in state.importance.items()},
-                    {n: t.to(named[n].device) for n, t in state.centre.items()},
-                    state.offset,
-                    state.tasks,
-                    state.history,
-                )
-            )
-        state = self._state
-        aligned = [
-            (name, named[name], importance, state.centre[name])
-            for name, importance in state.importance.items()
-        ]
-        refs = [weakref.ref(p) for p in named.values()]  # the cache keeps no model alive
-        entries = [(name, importance, centre) for name, _, importance, centre in aligned]
-        self._aligned_cache = (fingerprint, refs, entries)
-        return aligned
-
     def penalty(self, model: nn.Module) -> Tensor:
         """Differentiable ``ewc_lambda * (sum A (theta - m)^2 + r)``; 0 before any consolidation.
 
         Cost: O(P) time; autograd keeps O(P) temporaries. For a cheaper gradient-only path that
-        builds no graph, see :meth:`penalty_grad_`.
+        builds no graph, see :meth:`penalty_grad_`. The state is never changed, whatever model
+        is passed; a model moved to another device is penalised with copies of ``A`` and ``m``
+        on that device, made once.
+
+        Raises:
+            TypeError: ``model`` is not an ``nn.Module``.
+            ParameterMismatchError: a consolidated parameter is missing, shrank, changed rank or
+                dtype family, or is on the meta device.
         """
+        _check_module(model)
         if self._state.tasks == 0:
             first = next(iter(model.parameters()), None)
-            device = first.device if first is not None else None
-            return torch.zeros((), device=device)
-        aligned = self._aligned(model)
-        params = [param for _, param, _, _ in aligned]
-        offset = self._state.offset.to(params[0].device) if params else self._state.offset
-        return _distributed.penalty_value(
-            params,
-            [importance for _, _, importance, _ in aligned],
-            [centre for _, _, _, centre in aligned],
-            offset,
-            self.ewc_lambda,
-        )
+            return torch.zeros((), device=first.device if first is not None else None)
+        return self._bind(model).penalty(self.ewc_lambda)
 
-    @torch.no_grad()
     def penalty_grad_(self, model: nn.Module, *, return_penalty: bool = False) -> Tensor | None:
         """Add ``d penalty / d theta = 2 * ewc_lambda * A * (theta - m)`` to each ``p.grad``.
 
@@ -405,77 +346,38 @@ class EWC:
 
         Returns:
             None, or with ``return_penalty=True`` the value of :meth:`penalty`.
+
+        Raises:
+            TypeError: ``model`` is not an ``nn.Module``, or a parameter has a sparse gradient
+                (not supported: add :meth:`penalty` to the loss instead).
+            ParameterMismatchError: as :meth:`penalty`.
         """
+        _check_module(model)
         if self._state.tasks == 0 or self.ewc_lambda == 0.0:
             return torch.zeros((), dtype=torch.float64) if return_penalty else None
-        aligned = self._aligned(model)
-        grads, params, importances, centres = [], [], [], []
-        frozen_quadratic = torch.zeros((), dtype=torch.float64) if return_penalty else None
-        sharded = _distributed.dtensors_in_use()
-        for _, param, importance, centre in aligned:
-            # under no_grad, the parameter itself is read without building a graph
-            value = _distributed.local_tensor(param) if sharded else param
-            if importance.shape != value.shape:  # grown since: penalise the consolidated block
-                value = value[overlap(importance.shape)]
-            if not param.requires_grad:  # frozen since: autograd of penalty() gives it no grad
-                if frozen_quadratic is not None:
-                    term = (importance * (value - centre).square()).sum(dtype=torch.float64)
-                    frozen_quadratic += term.cpu()
-                continue
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            grad = _distributed.local_tensor(param.grad) if sharded else param.grad
-            if grad.shape != importance.shape:
-                grad = grad[overlap(importance.shape)]
-            grads.append(grad)
-            params.append(value)
-            importances.append(importance)
-            centres.append(centre)
-        quadratic = add_penalty_grad_(
-            grads,
-            params,
-            importances,
-            centres,
-            self.ewc_lambda,
-            workspace=self._penalty_workspace(importances),
-            return_quadratic=return_penalty,
-            fused_kernel=self._fused_kernel,
+        return self._bind(model).add_penalty_grad_(
+            self.ewc_lambda, return_penalty=return_penalty, fused_kernel=self._fused_kernel
         )
-        if quadratic is None or frozen_quadratic is None:
-            return None
-        offset = self._state.offset.to(device=quadratic.device, dtype=torch.float64)
-        local = self.ewc_lambda * (quadratic + frozen_quadratic.to(quadratic.device) + offset)
-        return _distributed.sum_over_shards(local, [param for _, param, _, _ in aligned])
-
-    def _penalty_workspace(self, importances: list[Tensor]) -> Tensor | None:
-        """One reusable CPU buffer of ``min(block, largest numel)`` elements (see
-        :func:`ewc.penalty.add_penalty_grad_`); None when the state is not on the CPU."""
-        if not importances or importances[0].device.type != "cpu":
-            return None
-        dtype = importances[0].dtype
-        size = min(CPU_BLOCK_ELEMENTS, max(t.numel() for t in importances))
-        work = self._workspace.get(str(dtype))
-        if work is None or work.numel() < size:
-            work = self._workspace[str(dtype)] = torch.empty(size, dtype=dtype)
-        return work
 
     # ------------------------------------------------------------------ (de)serialisation
-    def state_dict(self) -> dict[str, Any]:
-        """A ``torch.save``-able dict with a format version, the options and the state."""
+    def _config(self) -> dict[str, Any]:
         return {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "config": {
-                "ewc_lambda": self.ewc_lambda,
-                "mode": self.mode,
-                "decay_factor": self.decay_factor,
-                "keep_importance_data": self.keep_importance_data,
-                "fisher": self.fisher,
-                "mc_samples": self.mc_samples,
-                "max_samples": self.max_samples,
-            },
-            "state": self._state.state_dict(),
+            "ewc_lambda": self.ewc_lambda,
+            "mode": self.mode,
+            "decay_factor": self.decay_factor,
+            "keep_importance_data": self.keep_importance_data,
+            "fisher": self.fisher,
+            "mc_samples": self.mc_samples,
+            "max_samples": self.max_samples,
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        """A ``torch.save``-able dict with a format version, the options and the state.
+
+        Its tensors are copies, not the live state (unlike ``nn.Module.state_dict``): changing
+        them changes nothing here. Cost: O(P) memory on the state's device.
+        """
+        return pack(self._config(), self._state)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict`.
@@ -483,35 +385,26 @@ class EWC:
         The consolidated quadratic is replaced; this object's options (``ewc_lambda``, estimator)
         stay as constructed, but ``mode`` must match, since the stored quadratic means something
         else in the other mode. Raises :class:`StateDictError` for a foreign, damaged or newer
-        dict, leaving the current state unchanged.
+        dict (see :meth:`ewc.store.ConsolidatedState.from_state_dict`), leaving the current
+        state unchanged.
         """
-        if not isinstance(state_dict, dict) or state_dict.get("format") != FORMAT_NAME:
-            found = state_dict.get("format") if isinstance(state_dict, dict) else type(state_dict)
-            raise StateDictError(
-                f"not an EWC state dict: expected `format` = {FORMAT_NAME!r}, found {found!r}"
-            )
-        version = state_dict.get("version")
-        if version != FORMAT_VERSION:
-            raise StateDictError(
-                f"EWC state dict has format version {version!r}; this ewc reads version "
-                f"{FORMAT_VERSION}"
-            )
-        config = state_dict.get("config")
-        if not isinstance(config, dict) or "mode" not in config:
-            raise StateDictError("EWC state dict is missing its `config`")
+        config, state = unpack(state_dict, set(self._config()))
         if config["mode"] != self.mode:
             raise StateDictError(
                 f"EWC state dict was saved with mode={config['mode']!r} but this EWC has "
                 f"mode={self.mode!r}"
             )
-        self._set_state(ConsolidatedState.from_state_dict(state_dict.get("state", {})))
+        self._set_state(state)
 
     def __getstate__(self) -> dict[str, Any]:
-        # the compiled kernel is a function of a module only this process has loaded
-        return {**self.__dict__, "_fused_kernel": None, "_workspace": {}, "_aligned_cache": None}
+        # the compiled kernel is a function of a module only this process has loaded, and the
+        # aligned view holds weak references
+        return {**self.__dict__, "_fused_kernel": None, "_aligned": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({"fused": False, **state})
+        for stale in ("_workspace", "_aligned_cache"):  # pickles of ewc <= 0.1.0.dev0
+            state.pop(stale, None)
+        self.__dict__.update({"fused": False, "_aligned": None, **state})
         self._fused_kernel = fused_kernel() if self.fused else None
 
     def __repr__(self) -> str:
@@ -523,28 +416,61 @@ class EWC:
         )
 
 
-# ---------------------------------------------------------------------- validation helpers
+# ---------------------------------------------------------------------- argument checks
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+
+
 def _check_lambda(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"Expected argument `ewc_lambda` to be a float but got {value!r}")
-    if not math.isfinite(value) or value < 0:
+        raise TypeError(f"Expected argument `ewc_lambda` to be a float but got {_short(value)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValueError(
+            f"Expected argument `ewc_lambda` to be finite and >= 0 but got {_short(value)}, "
+            "too large for a float"
+        ) from None
+    if not math.isfinite(number) or number < 0:
         raise ValueError(f"Expected argument `ewc_lambda` to be finite and >= 0 but got {value!r}")
-    return float(value)
+    return number
+
+
+def _check_mode(mode: Any, decay_factor: Any) -> tuple[str, float | None]:
+    if mode not in MODES:
+        raise ValueError(f"Expected argument `mode` to be one of {MODES} but got {mode!r}")
+    if mode == "online" and decay_factor is None:
+        raise ValueError("Argument `decay_factor` is required with mode='online' but got None")
+    if mode == "separate" and decay_factor is not None:
+        raise ValueError(
+            f"Argument `decay_factor` is only used with mode='online' but got "
+            f"decay_factor={decay_factor!r} with mode='separate'"
+        )
+    if decay_factor is None:
+        return mode, None
+    return mode, _check_unit_interval(decay_factor, "decay_factor")
 
 
 def _check_unit_interval(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"Expected argument `{name}` to be a float but got {value!r}")
+        raise TypeError(f"Expected argument `{name}` to be a float but got {_short(value)}")
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"Expected argument `{name}` to be in [0, 1] but got {value!r}")
+        raise ValueError(f"Expected argument `{name}` to be in [0, 1] but got {_short(value)}")
     return float(value)
 
 
 def _check_positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"Expected argument `{name}` to be an int but got {value!r}")
+        raise TypeError(f"Expected argument `{name}` to be an int but got {_short(value)}")
     if value < 1:
         raise ValueError(f"Expected argument `{name}` to be >= 1 but got {value!r}")
+    return value
+
+
+def _check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"Expected argument `{name}` to be a bool but got {_short(value)}")
     return value
 
 
@@ -558,36 +484,145 @@ def _check_selector(params: Any) -> Any:
     except TypeError:
         raise TypeError(
             "Expected argument `params` to be None, an iterable of parameter names or a callable "
-            f"(name, param) -> bool but got {params!r}"
+            f"(name, param) -> bool but got {_short(params)}"
         ) from None
     bad = [name for name in names if not isinstance(name, str)]
     if bad:
         raise TypeError(f"Expected argument `params` to hold parameter names but got {bad!r}")
+    if not names:
+        raise ValueError(
+            f"Expected argument `params` to name at least one parameter but got {_short(params)}; "
+            "use params=None for every trainable parameter"
+        )
     return names
 
 
-def _check_param_fits(name: str, importance: Tensor, param: Tensor) -> None:
-    param = _distributed.checked_local(name, importance, param)
-    stored, current = importance.shape, param.shape
-    if len(stored) != len(current) or any(c < s for s, c in zip(stored, current)):
-        raise ParameterMismatchError(
-            f"parameter {name!r} was consolidated with shape {tuple(stored)} but the model's has "
-            f"shape {tuple(current)}; consolidated parameters may only grow"
-        )
-    if param.is_complex() != importance.is_complex() or not param.is_floating_point():
-        raise ParameterMismatchError(
-            f"parameter {name!r} was consolidated as {importance.dtype} but is now {param.dtype}"
+def _check_module(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"Expected argument `model` to be a torch.nn.Module but got {_short(model)}"
         )
 
 
-def _check_state_fits_model(state: ConsolidatedState, model: nn.Module) -> None:
-    named = dict(model.named_parameters())
-    for name, importance in state.importance.items():
-        if name not in named:
-            raise ParameterMismatchError(
-                f"parameter {name!r} was consolidated but the model has no parameter of that name"
+def _check_call_arguments(
+    dataloader: Any, criterion: Any, forward: Any, progress: Any, reduce: Any
+) -> None:
+    kind = type(dataloader)
+    if not (hasattr(kind, "__iter__") or hasattr(kind, "__getitem__")) or isinstance(
+        dataloader, (str, bytes, Tensor)
+    ):
+        raise TypeError(
+            "Expected argument `dataloader` to be an iterable of batches (a DataLoader, a list "
+            f"of (inputs, targets), ...) but got {_short(dataloader)}"
+        )
+    for value, argument in ((criterion, "criterion"), (forward, "forward"), (reduce, "reduce")):
+        if value is not None and not callable(value):
+            raise TypeError(
+                f"Expected argument `{argument}` to be None or a callable but got {_short(value)}"
             )
-        _check_param_fits(name, importance, named[name])
+    _check_bool(progress, "progress")
+
+
+def _selected(model: nn.Module, selector: Any) -> dict[str, nn.Parameter]:
+    """The trainable parameters ``selector`` (None, names or a predicate) picks; never none."""
+    named = dict(model.named_parameters())
+    if selector is None:
+        chosen = {name: p for name, p in named.items() if p.requires_grad}
+    elif callable(selector):
+        chosen = {}
+        for name, p in named.items():
+            if not p.requires_grad:
+                continue
+            keep = selector(name, p)
+            if not isinstance(keep, bool):
+                raise TypeError(
+                    f"Expected argument `params` (a predicate) to return a bool but it returned "
+                    f"{_short(keep)} for parameter {name!r}"
+                )
+            if keep:
+                chosen[name] = p
+    else:
+        unknown = [name for name in selector if name not in named]
+        if unknown:
+            raise ValueError(
+                f"Argument `params` names {unknown} which the model does not have; its "
+                f"parameters are {sorted(named)}"
+            )
+        chosen = {name: named[name] for name in selector if named[name].requires_grad}
+    if not chosen:
+        frozen = sorted(name for name, p in named.items() if not p.requires_grad)
+        raise ConsolidationError(
+            f"no parameter to consolidate: `params`={_short(selector)} selects none of the "
+            f"model's {len(named)} parameters ({len(frozen)} of them frozen: "
+            f"{_short(frozen)}); no task was added"
+        )
+    return chosen
+
+
+# ---------------------------------------------------------------------- consolidation helpers
+_T = TypeVar("_T")
+_PACKAGE = str(Path(__file__).resolve().parent) + os.sep
+
+
+def _user_code(call: Callable[[], _T]) -> _T:
+    """``call()``, with any error of user code (the data pipeline, ``forward``, the criterion,
+    ``reduce``) as a :class:`ConsolidationError` whose ``__cause__`` is the original.
+
+    ewc's own errors pass through: every :class:`EWCError`, and a ``TypeError``/``ValueError``
+    raised by a ``raise`` statement in ewc's own files (an argument check).
+    """
+    try:
+        return call()
+    except EWCError:
+        raise
+    except Exception as error:
+        if isinstance(error, (TypeError, ValueError)) and _raised_in_ewc(error):
+            raise
+        raise ConsolidationError(
+            f"consolidation failed while reading data or running the model "
+            f"({type(error).__name__}: {error}); the consolidated state is unchanged"
+        ) from error
+
+
+def _raised_in_ewc(error: BaseException) -> bool:
+    trace = error.__traceback__
+    if trace is None:
+        return False
+    while trace.tb_next is not None:
+        trace = trace.tb_next
+    return str(Path(trace.tb_frame.f_code.co_filename).resolve()).startswith(_PACKAGE)
+
+
+def _task_from(
+    sums: fisher_lib.FisherSums, params: Mapping[str, Tensor], *, reduced: bool
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``(F, a)`` from the (reduced) sums: ``F = sums / count`` in the state's dtypes and a copy
+    of the weights, checked after the reduction (finite, ``F >= 0``, a positive count)."""
+    after = " returned by `reduce`" if reduced else ""
+    count = sums.count
+    if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+        raise ConsolidationError(
+            f"the Fisher sums{after} have count = {count!r}; expected an int > 0; the "
+            "consolidated state is unchanged"
+        )
+    if set(sums.sums) != set(params):
+        raise ConsolidationError(
+            f"the Fisher sums{after} name {sorted(sums.sums)} but the selected parameters are "
+            f"{sorted(params)}; the consolidated state is unchanged"
+        )
+    fisher = {
+        name: value.detach().to(storage_dtype(params[name].dtype))
+        for name, value in fisher_lib.fisher_from_sums(sums.sums, count).items()
+    }
+    anchor = {
+        name: _distributed.local_tensor(p.detach()).to(storage_dtype(p.dtype), copy=True)
+        for name, p in params.items()
+    }
+    try:
+        check_task(fisher, anchor, error=ConsolidationError)
+    except ConsolidationError as error:
+        raise ConsolidationError(f"{error}{after}; the consolidated state is unchanged") from None
+    return fisher, anchor
 
 
 @contextmanager

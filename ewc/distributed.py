@@ -43,7 +43,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ewc import penalty as _penalty
 from ewc.errors import ConsolidationError, ParameterMismatchError
 from ewc.fisher import FisherSums
 
@@ -56,11 +55,12 @@ __all__ = [
     "checked_local",
     "dtensors_in_use",
     "fisher_pass",
+    "global_penalty",
     "is_distributed",
     "is_sharded",
     "local_tensor",
-    "penalty_value",
-    "sum_over_shards",
+    "shard_groups",
+    "sum_over_groups",
     "unwrap",
 ]
 
@@ -299,55 +299,9 @@ def _restore_reshard_settings(module: Any, settings: tuple[Any, list[tuple[Any, 
 
 
 # ---------------------------------------------------------------------- penalty
-def penalty_value(
-    params: Sequence[Tensor],
-    importances: Sequence[Tensor],
-    centres: Sequence[Tensor],
-    offset: Tensor,
-    ewc_lambda: float,
-) -> Tensor:
-    """:func:`ewc.penalty.penalty_value`, global over FSDP2 shards.
-
-    Plain parameters: exactly :func:`ewc.penalty.penalty_value`. DTensor parameters: each rank
-    evaluates its part ``v_r = ewc_lambda * (sum A_r (theta_r - m_r)^2 + r_r)`` on local shards,
-    and one scalar ``all_reduce`` over the mesh's sharding dimension(s) gives ``V = sum_r v_r``.
-    The result is ``v_r + (V - v_r).detach()``: its value is the global penalty on every rank and
-    its gradient with respect to each rank's shard is ``dV/dtheta_r = dv_r/dtheta_r`` -- the
-    gradient of the (identical, replicated) penalty, which FSDP2 adds to the reduce-scattered
-    task gradient in ``p.grad``. Cost: O(P / world) plus one scalar all-reduce.
-    """
-    if not any(is_sharded(p) for p in params):
-        return _penalty.penalty_value(params, importances, centres, offset, ewc_lambda)
-    if not all(is_sharded(p) for p in params):
-        raise ParameterMismatchError(
-            "under FSDP2 every consolidated parameter must be sharded (a DTensor), because the "
-            "constant of the collapsed penalty is stored per shard; apply fully_shard to the root "
-            "module too, or select sharded parameters only with EWC(params=...)"
-        )
-    groups = _shard_groups(params)
-    local = _penalty.penalty_value(
-        [local_tensor(p) for p in params], importances, centres, offset, ewc_lambda
-    )
-    total = local.detach().clone()
-    for group in groups:
-        dist.all_reduce(total, group=group)
-    return local + (total - local).detach()
-
-
-def sum_over_shards(value: Tensor, params: Sequence[Tensor]) -> Tensor:
-    """``value`` summed over the FSDP2 shards of ``params``; ``value`` itself for plain ones.
-
-    One scalar ``all_reduce`` per sharding dimension; no autograd (for logged values)."""
-    if not any(is_sharded(p) for p in params):
-        return value
-    total = value.detach().clone()
-    for group in _shard_groups(params):
-        dist.all_reduce(total, group=group)
-    return total
-
-
-def _shard_groups(params: Sequence[Tensor]) -> list[Any]:
-    """Process groups of the mesh dimensions the parameters are sharded over (all must agree)."""
+def shard_groups(params: Sequence[Tensor]) -> list[Any]:
+    """Process groups of the mesh dimensions the DTensor ``params`` are sharded over (all must
+    agree): what a penalty evaluated on local shards is summed over."""
     layouts = set()
     for param in params:
         spec: Any = param
@@ -361,3 +315,28 @@ def _shard_groups(params: Sequence[Tensor]) -> list[Any]:
         )
     mesh, dims = layouts.pop()
     return [mesh.get_group(mesh_dim=dim) for dim in dims]
+
+
+def global_penalty(local: Tensor, groups: Sequence[Any]) -> Tensor:
+    """The penalty over all shards from this rank's part, differentiable on this rank's shard.
+
+    Each rank evaluates ``v_r = ewc_lambda * (sum A_r (theta_r - m_r)^2 + r_r)`` on its local
+    shards; one scalar ``all_reduce`` per sharded mesh dimension gives ``V = sum_r v_r``. The
+    result is ``v_r + (V - v_r).detach()``: its value is the global penalty on every rank and
+    its gradient with respect to each rank's shard is ``dV/dtheta_r = dv_r/dtheta_r`` -- the
+    gradient of the (identical, replicated) penalty, which FSDP2 adds to the reduce-scattered
+    task gradient in ``p.grad``. Cost: one scalar all-reduce per group.
+    """
+    total = sum_over_groups(local, groups)
+    return local + (total - local).detach()
+
+
+def sum_over_groups(value: Tensor, groups: Sequence[Any]) -> Tensor:
+    """``value`` (detached) summed over the process groups of :func:`shard_groups`; ``value``
+    itself when there are none. One scalar ``all_reduce`` per group; no autograd."""
+    if not groups:
+        return value
+    total = value.detach().clone()
+    for group in groups:
+        dist.all_reduce(total, group=group)
+    return total

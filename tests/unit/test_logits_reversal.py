@@ -283,3 +283,20 @@ def test_avalanche_plugin_passes_both_options_through() -> None:
         )
     with pytest.raises(ValueError, match="logits_reversal"):
         EWCPlugin(1.0, fisher="exact", logits_reversal=True)
+
+
+def test_estimate_returns_the_reversed_clamped_fisher_and_adds_no_task() -> None:
+    model, batches, criterion = make_case("conv1d-two-heads")
+    expected = reversed_reference(model, batches, criterion, "empirical")
+    values = torch.cat([v.flatten() for v in expected.values()])
+    cap = float(values[values > 0].median())
+    reg = EWC(1.0, fisher="empirical", logits_reversal=True, max_importance=cap)
+    estimate = reg.estimate(model, batches, criterion)
+    assert reg.tasks == 0
+    for name, value in expected.items():
+        torch.testing.assert_close(
+            estimate.fisher[name], value.clamp(max=cap), rtol=1e-9, atol=1e-12
+        )
+    reg.add_task(estimate.fisher, estimate.anchor)  # clamping again changes nothing
+    for name, value in estimate.fisher.items():
+        assert torch.equal(reg.state.importance[name], value)

@@ -62,7 +62,9 @@ def check(
         )
         if path is not None:
             assert result.paths[name] == path, (name, result.paths)
-    assert result.examples == (batch.shape[0] if isinstance(batch, Tensor) else result.examples)
+    with torch.no_grad():
+        examples = run_model(model, batch)[0].shape[0]  # as the reference counts them
+    assert result.examples == examples
     assert result.signals == signals
     return result.paths
 

@@ -12,6 +12,7 @@ PUBLIC = {
     "ewc": [
         "EWC",
         "ConsolidationReport",
+        "FisherEstimate",
         "ConsolidationError",
         "EWCError",
         "ParameterMismatchError",
@@ -39,7 +40,8 @@ PUBLIC = {
         "pad_to",
     ],
     "ewc.store": ["ConsolidatedState", "FORMAT_VERSION"],
-    "ewc.core": ["EWC", "ConsolidationReport"],
+    "ewc.core": ["EWC", "ConsolidationReport", "FisherEstimate"],
+    "ewc.aligned": ["AlignedState", "check_model_fits", "named_parameters", "unwrap"],
     "ewc.errors": ["EWCError", "ConsolidationError"],
 }
 

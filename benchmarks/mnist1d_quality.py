@@ -3,8 +3,9 @@
 A harder CPU-scale relative of ``benchmarks/cl_quality.py``'s Split Digits (same protocol and
 helpers): MNIST-1D (Greydanus 2020, the ``mnist1d`` package; 40-sample signals generated
 locally, no download; its default 4000 train / 1000 test examples, fixed by the package's seed)
-split into five tasks of two classes (0/1, ..., 8/9), a head per task, a small 1-D CNN
-(three Conv1d layers, a hidden linear layer, 2-way heads). Online EWC with
+split into five tasks of two classes (0/1, ..., 8/9), 200 training examples per task (a random
+subset per seed; the test set whole), a head per task, a small 1-D CNN (three Conv1d layers of 16
+channels, a hidden linear layer, 2-way heads), 56 iterations per task. Online EWC with
 ``decay_factor=1.0`` (van de Ven 2025's "online" EWC), Adam lr 1e-3 fresh per task, batches of
 32, the Fisher on the task's training set in batches of 128. Seeds change the initialisation and
 the batch order.

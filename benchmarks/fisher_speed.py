@@ -6,9 +6,9 @@ Models (CPU, random data, only the cost matters):
 * ``cnn``: two 3x3 conv layers and a linear classifier on 1x8x8 inputs, same data sizes;
 * ``transformer``: token embedding (100 x 64), one ``nn.TransformerEncoderLayer(64, 4 heads,
   128, batch_first=True)``, mean pooling and a linear classifier; 512 sequences of 32 tokens,
-  batch 128. Its ``exact (attention by vmap)`` row is ``exact`` with the attention rule switched
-  off, i.e. what the same consolidation cost before that rule (the attention takes the generic
-  ``vmap`` fallback).
+  batch 128. Its ``exact (no attention rule)`` row is ``exact`` with the attention rule switched
+  off: the attention then takes the per-layer ``torch.func`` step (before that step existed, the
+  whole-model ``vmap`` fallback).
 
 Per model, measured side by side in one process (round-robin repeats, see
 :func:`benchmarks._common.interleaved_times`):
@@ -23,6 +23,15 @@ Per model, measured side by side in one process (round-robin repeats, see
 ``ratio_vs_avalanche`` is the median over repeats of the paired ratio ``time / avalanche time``;
 ``seconds`` is the median time per consolidation. Targets (issue 4): empirical <= 1.0 and
 exact <= 4.0 on the MLP.
+
+Hugging Face rows (:func:`hugging_face_rows`, when ``transformers``/``peft`` are installed): small
+configs with random weights of GPT-2 (LM head tied to the token embedding, position ids
+``(1, L)``, SDPA attention with a padding mask), LoRA-GPT-2 (``peft``, rank 8 on ``c_attn`` and
+``c_proj``), BERT (sequence classification) and ViT (image classification). Per model
+``empirical`` and ``batched`` consolidations against an Avalanche-style batched pass on the same
+batches (forward, loss, backward, squared gradients summed; the real plugin wants ``(x, y)``
+tensors, not dict batches), plus the share of parameter entries left on the ``vmap``/``loop``
+paths. Target (issue 13): ``empirical`` within 2x of the batched pass, nothing on the loop.
 """
 
 from __future__ import annotations
@@ -31,9 +40,10 @@ import contextlib
 import statistics
 import warnings
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks._avalanche_shim import load_avalanche_ewc_plugin
@@ -41,7 +51,7 @@ from benchmarks._common import Row, format_table, interleaved_times, median_rati
 from ewc import EWC
 from ewc._per_sample.rules import RULES
 
-__all__ = ["run"]
+__all__ = ["hugging_face_rows", "run"]
 
 EXAMPLES = 2048
 BATCH = 128
@@ -80,7 +90,7 @@ class _Transformer(nn.Module):
 
 @contextlib.contextmanager
 def _without_attention_rule() -> Iterator[None]:
-    """The per-example engine as it was before its ``MultiheadAttention`` rule."""
+    """The per-example engine without its ``MultiheadAttention`` rule."""
     rule = RULES.pop(nn.MultiheadAttention)
     try:
         yield
@@ -146,7 +156,7 @@ def _measure(quick: bool) -> list[Row]:
                 with _without_attention_rule():
                     return exact()
 
-            fns["exact (attention by vmap)"] = exact_by_vmap
+            fns["exact (no attention rule)"] = exact_by_vmap
         baseline = _avalanche(model, dataset)
         if baseline is not None:
             fns["avalanche"] = baseline
@@ -168,15 +178,191 @@ def _measure(quick: bool) -> list[Row]:
     return rows
 
 
+# ------------------------------------------------------------------ Hugging Face models
+HF_VOCAB, HF_LENGTH, HF_BATCH = 1000, 32, 16
+
+
+def _hf_problem(name: str, quick: bool) -> tuple[nn.Module, list[tuple[Any, Tensor]], Any]:
+    """A small Hugging Face model, its batches ``(inputs, labels)`` and ``forward``."""
+    import transformers
+
+    examples = 64 if quick else 256
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if name in ("gpt2", "lora-gpt2"):
+        config = transformers.GPT2Config(
+            vocab_size=HF_VOCAB, n_positions=64, n_embd=128, n_layer=2, n_head=4
+        )
+        model: nn.Module = transformers.GPT2LMHeadModel(config)
+        if name == "lora-gpt2":
+            import peft
+
+            lora = peft.LoraConfig(r=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
+            model = peft.get_peft_model(model, lora)
+    elif name == "bert":
+        config = transformers.BertConfig(
+            vocab_size=HF_VOCAB,
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=256,
+            max_position_embeddings=64,
+            num_labels=4,
+        )
+        model = transformers.BertForSequenceClassification(config)
+    else:
+        config = transformers.ViTConfig(
+            image_size=32,
+            patch_size=4,
+            num_channels=3,
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=256,
+            num_labels=4,
+        )
+        model = transformers.ViTForImageClassification(config)
+    batches: list[tuple[Any, Tensor]] = []
+    for _ in range(examples // HF_BATCH):
+        if name == "vit":
+            pixels = torch.randn(HF_BATCH, 3, 32, 32, generator=generator)
+            batches.append((pixels, torch.randint(0, 4, (HF_BATCH,), generator=generator)))
+            continue
+        ids = torch.randint(0, HF_VOCAB, (HF_BATCH, HF_LENGTH), generator=generator)
+        mask = torch.ones_like(ids)
+        mask[0, -4:] = 0  # one padded sequence: HF's SDPA mask path
+        labels = ids if name != "bert" else torch.randint(0, 4, (HF_BATCH,), generator=generator)
+        batches.append(((ids, mask), labels))
+    return model.eval(), batches, _hf_forward(name)
+
+
+def _hf_forward(name: str) -> Callable[[nn.Module, Any], tuple[Tensor, Tensor]]:
+    def forward(model: nn.Module, batch: Any) -> tuple[Tensor, Tensor]:
+        inputs, labels = batch
+        if name == "vit":
+            return model(pixel_values=inputs).logits, labels
+        ids, mask = inputs
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        if name == "bert":
+            return logits, labels
+        return logits[:, :-1], labels[:, 1:]  # causal LM: the next token
+
+    return forward
+
+
+def _hf_criterion(output: Tensor, target: Tensor) -> Tensor:
+    """Mean cross-entropy over the batch's (example, position) pairs."""
+    return nn.functional.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
+
+
+def _hf_batched_pass(
+    model: nn.Module, batches: list[tuple[Any, Tensor]], forward: Any
+) -> Callable[[], object]:
+    """Avalanche's ``compute_importances`` loop on dict-style inputs: per batch forward, loss,
+    backward, ``importance += grad^2``, then divide by the number of batches."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def compute() -> object:
+        importances = [torch.zeros_like(p) for p in params]
+        for batch in batches:
+            model.zero_grad()
+            output, target = forward(model, batch)
+            _hf_criterion(output, target).backward()
+            for importance, p in zip(importances, params):
+                if p.grad is not None:
+                    importance += p.grad.detach() ** 2
+        model.zero_grad()
+        return [importance / len(batches) for importance in importances]
+
+    return compute
+
+
+def _hf_consolidator(
+    model: nn.Module, batches: list[tuple[Any, Tensor]], forward: Any, estimator: str
+) -> Callable[[], object]:
+    def consolidate() -> object:
+        return EWC(1.0, fisher=estimator).consolidate(
+            model, batches, _hf_criterion, forward=forward
+        )
+
+    return consolidate
+
+
+def hugging_face_rows(quick: bool = False, *, threads: int | None = None) -> list[Row]:
+    """Rows for GPT-2, LoRA-GPT-2, BERT and ViT (empty when transformers or peft is missing).
+
+    Row fields: ``model``, ``estimator`` (``empirical``, ``batched``, ``batched pass``),
+    ``seconds``, ``ratio_vs_batched_pass`` and ``fallback_share`` (the share of parameter
+    entries on ``vmap``/``loop``; ``empirical`` rows only).
+    """
+    try:
+        from tests import torchvision_shim
+
+        torchvision_shim.apply()  # transformers imports torchvision
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as error:
+        warnings.warn(f"fisher_speed: no Hugging Face rows ({error})", stacklevel=2)
+        return []
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _measure_hugging_face(quick)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _measure_hugging_face(quick: bool) -> list[Row]:
+    repeats = 3 if quick else 5
+    rows: list[Row] = []
+    for name in ("gpt2", "lora-gpt2", "bert", "vit"):
+        model, batches, forward = _hf_problem(name, quick)
+        fns: dict[str, Callable[[], object]] = {
+            estimator: _hf_consolidator(model, batches, forward, estimator)
+            for estimator in ("empirical", "batched")
+        }
+        fns["batched pass"] = _hf_batched_pass(model, batches, forward)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = fns["empirical"]()
+            times = interleaved_times(fns, repeats=repeats, inner=1)
+        paths = getattr(report, "paths", {})
+        sizes = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+        fallen = sum(sizes[n] for n, path in paths.items() if path in ("vmap", "loop"))
+        for estimator, samples in times.items():
+            rows.append(
+                {
+                    "model": name,
+                    "estimator": estimator,
+                    "seconds": statistics.median(samples),
+                    "ratio_vs_batched_pass": median_ratio(samples, times["batched pass"]),
+                    "fallback_share": fallen / sum(sizes.values())
+                    if estimator == "empirical"
+                    else float("nan"),
+                }
+            )
+    return rows
+
+
 if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small data, few repeats")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    arguments = parser.parse_args()
-    table = run(quick=arguments.quick, threads=arguments.threads)
-    used = arguments.threads or torch.get_num_threads()
-    print(
-        format_table(table, title=f"Fisher cost vs Avalanche compute_importances ({used} threads)")
+    parser.add_argument(
+        "--hf", action="store_true", help="only the Hugging Face rows (GPT-2, LoRA, BERT, ViT)"
     )
+    arguments = parser.parse_args()
+    used = arguments.threads or torch.get_num_threads()
+    if not arguments.hf:
+        table = run(quick=arguments.quick, threads=arguments.threads)
+        print(
+            format_table(
+                table, title=f"Fisher cost vs Avalanche compute_importances ({used} threads)"
+            )
+        )
+    hf = hugging_face_rows(quick=arguments.quick, threads=arguments.threads)
+    if hf:
+        print(format_table(hf, title=f"Hugging Face models vs a batched pass ({used} threads)"))

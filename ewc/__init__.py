@@ -12,11 +12,13 @@ from ewc.core import EWC, ConsolidationReport, FisherEstimate
 from ewc.errors import (
     ConsolidationError,
     EWCError,
+    FallbackWarning,
     ParameterMismatchError,
     StateDictError,
     UnsupportedCriterionError,
 )
 from ewc.fisher import ESTIMATORS, FisherSums, fisher_from_sums, fisher_sums
+from ewc.rules import register_rule
 from ewc.store import FORMAT_VERSION, ConsolidatedState
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "ConsolidationError",
     "ConsolidationReport",
     "EWCError",
+    "FallbackWarning",
     "FisherEstimate",
     "FisherSums",
     "ParameterMismatchError",
@@ -34,6 +37,7 @@ __all__ = [
     "UnsupportedCriterionError",
     "fisher_from_sums",
     "fisher_sums",
+    "register_rule",
 ]
 
 __version__ = "0.1.0.dev0"

@@ -219,7 +219,7 @@ class EWC:
                     module,
                     fisher_pass.params,
                     dataloader,
-                    criterion,  # type: ignore[arg-type]  # None: ewc.fisher picks a default
+                    criterion,  # None: ewc.fisher picks a default
                     estimator=self.fisher,
                     mc_samples=self.mc_samples,
                     max_samples=self.max_samples,

@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "ConsolidationError",
     "EWCError",
+    "FallbackWarning",
     "ParameterMismatchError",
     "StateDictError",
     "UnsupportedCriterionError",
@@ -33,3 +34,13 @@ class StateDictError(EWCError, ValueError):
 
 class UnsupportedCriterionError(EWCError, ValueError):
     """The estimator needs a likelihood that the given criterion does not define."""
+
+
+class FallbackWarning(UserWarning):
+    """Some parameters left the per-layer paths of the per-example engine for the whole-model
+    ``vmap`` or the per-example loop: the Fisher is still exact, but slower to compute.
+
+    Issued once per consolidation, naming the modules, their share of the parameters and the
+    reason; ``report.paths`` has the path of every parameter. Silence it with
+    ``warnings.filterwarnings("ignore", category=ewc.FallbackWarning)``.
+    """

@@ -6,49 +6,83 @@ be all-reduced across processes before the one division (see :func:`fisher_from_
 =============  ====================================================  ==============================
 estimator      per-example term                                      cost per batch of n
 =============  ====================================================  ==============================
-``exact``      ``sum_c p(c|x) (grad log p(c|x))^2``                  C backward signals (classes)
+``exact``      ``sum_c p(c|x) (grad log p(c|x))^2``                  K backward signals (below)
 ``sample``     ``mean_m (grad log p(y_m|x))^2``, ``y_m ~ p(.|x)``    ``mc_samples`` signals
 ``empirical``  ``(grad loss(f(x), y))^2`` with the data's label      1 signal
 ``batched``    ``(grad criterion(batch))^2``, averaged over batches  1 ordinary backward
 =============  ====================================================  ==============================
 
-``exact`` and ``sample`` need a likelihood: categorical over the last output dimension
-(``nn.CrossEntropyLoss``/``nn.NLLLoss``) or unit-variance Gaussian (``nn.MSELoss``). For outputs
-with extra dimensions (sequences) the per-example log-likelihood sums over positions; the exact
-Fisher then needs one signal per (position, class) pair.
+``exact`` and ``sample`` need a likelihood, read from the criterion through the registry in
+:mod:`ewc.likelihoods`: categorical over the last output dimension (``nn.CrossEntropyLoss``,
+``nn.NLLLoss``; K = positions x classes), Bernoulli per output unit (``nn.BCEWithLogitsLoss``;
+K = units) or unit-variance Gaussian (``nn.MSELoss``; K = output components). ``empirical``
+takes its closed-form per-example loss gradient from the same registry (any other criterion:
+``vmap(grad(criterion))`` over examples).
+
+**Token-level outputs and N.** Outputs ``(n, *S, C)`` with targets ``(n, *S)`` take the class
+dimension last, as Hugging Face models emit them. Positions whose target equals the criterion's
+``ignore_index`` (``-100`` by default) are left out by every estimator. N, the count the sums are
+divided by, is the number of *examples* (sequences), not of tokens: an example's log-likelihood
+(``exact``, ``sample``) and its loss (``empirical``) are the sums over its positions that are not
+ignored, whatever the criterion's ``reduction``. ``batched`` keeps Avalanche parity: the criterion
+on the batch as given (token-level outputs flattened to ``(n * S, C)``, as Hugging Face computes
+its loss), and N the number of batches.
+
+**Memory.** ``exact`` signals are generated lazily, a chunk at a time, so that one chunk of
+signals is at most :data:`~ewc._per_sample.engine.DEFAULT_MEMORY_BUDGET_BYTES` (at least one
+signal); with vocabulary-sized outputs over many positions K is refused before any backward pass
+when above :data:`MAX_EXACT_SIGNALS` (use ``fisher='sample'``: one signal per draw for a whole
+sequence).
 
 ``batched`` reproduces Avalanche's ``EWCPlugin.compute_importances``: it squares mini-batch
 gradients, which is *not* the Fisher; it is here for comparison and compatibility.
+
+Errors: bad data, outputs or criteria are reported as :class:`~ewc.errors.ConsolidationError` or
+:class:`~ewc.errors.UnsupportedCriterionError` naming the argument and the value; an exception
+raised by the data pipeline, the model or the criterion propagates unchanged (the caller,
+:meth:`ewc.EWC.consolidate`, wraps it).
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ewc import huggingface
 from ewc._per_sample import squared_grad_sums
-from ewc._per_sample.batching import batch_size_of, first_examples
+from ewc._per_sample.batching import UncuttableBatchError, batch_size_of, first_examples
+from ewc._per_sample.engine import DEFAULT_MEMORY_BUDGET_BYTES, SquaredGradSums
+from ewc._per_sample.report import warn_fallbacks
 from ewc._typing import Batch, Criterion, ForwardFn, TensorDict
 from ewc.errors import ConsolidationError, UnsupportedCriterionError
+from ewc.likelihoods import LazySignals, Likelihood, likelihood_for, registered_criteria
 
 __all__ = [
     "ESTIMATORS",
+    "EXACT_SIGNAL_WARNING_THRESHOLD",
+    "MAX_EXACT_SIGNALS",
     "FisherSums",
+    "check_estimator",
     "default_forward",
     "fisher_from_sums",
     "fisher_sums",
     "likelihood_of",
+    "per_example_loss_grads",
 ]
 
 ESTIMATORS = ("exact", "sample", "empirical", "batched")
 EXACT_SIGNAL_WARNING_THRESHOLD = 100
+"""``exact`` warns (once per count) when a batch needs more backward signals than this."""
+
+MAX_EXACT_SIGNALS = 10_000
+"""``exact`` refuses, before any backward pass, a batch that needs more signals than this (each
+costs about one backward pass): e.g. a 1000-token vocabulary over 20 positions. Raise it on
+purpose (``ewc.fisher.MAX_EXACT_SIGNALS = ...``) if you really want that cost."""
 
 _warned_signal_counts: set[int] = set()
 
@@ -61,7 +95,7 @@ class FisherSums:
         sums: per parameter, the sum of per-example (``batched``: per-batch) squared gradients.
         count: examples seen (``batched``: batches seen).
         examples: examples seen (equal to ``count`` except for ``batched``).
-        batches: batches seen.
+        batches: batches seen (empty batches are skipped and not counted).
         paths: per parameter, the engine path that computed it.
     """
 
@@ -72,32 +106,62 @@ class FisherSums:
     paths: dict[str, str] = field(default_factory=dict)
 
 
-def default_forward(model: nn.Module, batch: Batch) -> tuple[Tensor, Any]:
-    """``batch = (inputs, targets, *ignored)`` -> ``(model(inputs), targets)``.
+def check_estimator(value: Any, argument: str = "fisher") -> str:
+    """``value`` if it names an estimator in :data:`ESTIMATORS`.
 
-    Extra items (Avalanche's task labels) are ignored. A bare tensor batch has no targets.
+    Raises:
+        ValueError: naming ``argument``, the value and the valid names.
     """
+    if not isinstance(value, str) or value not in ESTIMATORS:
+        raise ValueError(
+            f"Expected argument `{argument}` to be one of {ESTIMATORS} but got {value!r}"
+        )
+    return value
+
+
+def default_forward(model: nn.Module, batch: Batch) -> tuple[Tensor, Any]:
+    """The forward used when none is given.
+
+    * ``Mapping`` batches (``dict``, Hugging Face ``BatchEncoding``):
+      :func:`ewc.huggingface.forward`, ``model(**inputs)`` with the ``labels`` key as target
+      (causal LMs shifted);
+    * ``(inputs, targets, *ignored)``: ``(model(inputs), targets)``; extra items (Avalanche's task
+      labels) are ignored;
+    * a bare tensor: ``(model(batch), None)``.
+
+    An output with ``.logits`` (a Hugging Face ``ModelOutput``) is replaced by its logits, aligned
+    with the targets as in :func:`ewc.huggingface.aligned`.
+
+    Raises:
+        ConsolidationError: the batch is none of these.
+    """
+    if isinstance(batch, Mapping):
+        return huggingface.forward(model, batch)
     if isinstance(batch, Tensor):
-        return model(batch), None
+        return _logits(model, model(batch), None, batch)
     if isinstance(batch, (tuple, list)) and len(batch) >= 1:
         target = batch[1] if len(batch) >= 2 else None
-        return model(batch[0]), target
-    raise TypeError(
+        return _logits(model, model(batch[0]), target, batch)
+    raise ConsolidationError(
         f"cannot split a batch of type {type(batch).__name__} into (inputs, targets); pass "
         "`forward=lambda model, batch: (output, target)` to consolidate"
     )
 
 
+def _logits(model: nn.Module, output: Any, target: Any, batch: Any) -> tuple[Any, Any]:
+    if isinstance(output, Tensor):
+        return output, target
+    logits = huggingface.logits_of(output)
+    if logits is output:
+        return output, target
+    return huggingface.aligned(model, logits, target, batch)
+
+
 def likelihood_of(criterion: Criterion) -> str | None:
-    """``"categorical"``, ``"gaussian"``, or None when the criterion defines no likelihood."""
-    if isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss)) or criterion in (
-        F.cross_entropy,
-        F.nll_loss,
-    ):
-        return "categorical"
-    if isinstance(criterion, nn.MSELoss) or criterion is F.mse_loss:
-        return "gaussian"
-    return None
+    """The name of the criterion's likelihood (``"categorical"``, ``"gaussian"``,
+    ``"bernoulli"``, ...), or None when the criterion defines none. See :mod:`ewc.likelihoods`."""
+    likelihood = likelihood_for(criterion)
+    return None if likelihood is None else likelihood.name
 
 
 def fisher_from_sums(sums: Mapping[str, Tensor], count: int) -> TensorDict:
@@ -109,49 +173,94 @@ def fisher_sums(
     model: nn.Module,
     params: Mapping[str, Tensor],
     batches: Iterable[Batch],
-    criterion: Criterion,
+    criterion: Criterion | None = None,
     *,
     estimator: str,
     mc_samples: int = 1,
     max_samples: int | None = None,
     forward: ForwardFn | None = None,
     on_batch: Callable[[int], None] | None = None,
+    logits_reversal: bool = False,
 ) -> FisherSums:
     """Accumulate the chosen estimator's squared-gradient sums over ``batches``.
 
     The caller puts the model in eval mode and restores it; this function only reads weights and
-    never touches ``.grad``. Raises :class:`ConsolidationError` on NaN/inf or no data, and
-    :class:`UnsupportedCriterionError` when ``exact``/``sample`` meet an unknown criterion.
+    never touches ``.grad``. Batches of size 0 are skipped.
 
-    Cost: ``exact`` C signals, ``sample`` ``mc_samples`` signals, ``empirical`` one signal per
+    Args:
+        model: the model, in eval mode.
+        params: the parameters to estimate, by name.
+        batches: any iterable of batches (see :func:`default_forward`).
+        criterion: the task loss; None takes :func:`ewc.huggingface.default_criterion` for a
+            Hugging Face model.
+        estimator: one of :data:`ESTIMATORS`.
+        mc_samples: label draws per example for ``sample``.
+        max_samples: use only the first ``max_samples`` examples.
+        forward: ``forward(model, batch) -> (output, target)``; default :func:`default_forward`.
+        on_batch: called with the examples of each batch processed.
+        logits_reversal: EWC-DR (Liu & Chang, CVPR 2026): the importance from the loss on the
+            negated output, ``loss(-f(x), y)``; ``empirical`` and ``batched`` only.
+
+    Raises:
+        ValueError: ``estimator`` is not one of :data:`ESTIMATORS`.
+        UnsupportedCriterionError: ``criterion`` is None and cannot be derived, ``exact``/
+            ``sample`` meet a criterion with no likelihood, or an option the estimator cannot
+            honour (e.g. ``weight`` with ``exact``, ``reduction='none'`` with ``batched``).
+        ConsolidationError: no data, NaN/inf, too many ``exact`` signals, an output without an
+            autograd graph, bad targets or outputs.
+
+    Cost: ``exact`` K signals, ``sample`` ``mc_samples`` signals, ``empirical`` one signal per
     batch through the per-example engine; ``batched`` one ordinary backward per batch.
     """
-    forward = forward or default_forward
-    likelihood = likelihood_of(criterion)
+    estimator = check_estimator(estimator, "estimator")
+    if not isinstance(logits_reversal, bool):
+        raise TypeError(
+            f"Expected argument `logits_reversal` to be a bool but got {logits_reversal!r}"
+        )
+    if logits_reversal and estimator in ("exact", "sample"):
+        raise ValueError(
+            f"Argument `logits_reversal`=True needs fisher='empirical' or 'batched' (the loss on "
+            f"the reversed logits with the data's labels) but got fisher={estimator!r}"
+        )
+    if criterion is None:
+        criterion = _default_criterion(model, estimator)
+    likelihood = likelihood_for(criterion)
     if estimator in ("exact", "sample") and likelihood is None:
         raise UnsupportedCriterionError(
-            f"fisher={estimator!r} needs a likelihood, read from the criterion: "
-            "nn.CrossEntropyLoss/nn.NLLLoss (categorical) or nn.MSELoss (Gaussian); got "
-            f"criterion={criterion!r}. Use fisher='empirical' for any other criterion."
+            f"fisher={estimator!r} needs a likelihood, read from the criterion: one of "
+            f"{', '.join(registered_criteria())}; got criterion={criterion!r}. Use "
+            "fisher='empirical' for any other criterion."
         )
-    run_model = _checked(forward)
+    if likelihood is not None:
+        likelihood.check_estimator(estimator)
+    run_model = _checked(forward or default_forward, params)
+    if logits_reversal:
+        run_model = _reversed(run_model)
     make_signals = _signal_maker(estimator, likelihood, criterion, mc_samples)
     accumulated: TensorDict = {}  # the first batch's fresh sums become the accumulators
     count = examples = batch_count = 0
     paths: dict[str, str] = {}
-    for batch in _limited(batches, max_samples):
-        batch_count += 1
+    reasons: dict[str, str] = {}
+    for raw in _limited(batches, max_samples):
+        batch = _plain(raw)
+        if batch_size_of(batch) == 0:
+            continue
         if estimator == "batched":
-            sums = _batch_gradient_squares(model, params, batch, criterion, forward)
+            sums, seen = _batch_gradient_squares(
+                model, params, batch, criterion, likelihood, run_model
+            )
             count += 1
-            seen = batch_size_of(batch) or 1
             paths = dict.fromkeys(params, "batch-gradient")
         else:
-            result = squared_grad_sums(model, params, batch, run_model, make_signals)
+            result = _engine_pass(model, params, batch, run_model, make_signals)
             sums, seen = result.sums, result.examples
             paths.update(result.paths)
+            reasons.update(result.reasons)
             del result
             count += seen
+        if seen == 0:
+            continue
+        batch_count += 1
         examples += seen
         if accumulated:
             for name, total in accumulated.items():
@@ -171,28 +280,124 @@ def fisher_sums(
                 f"the Fisher of parameter {name!r} is NaN or infinite (the loss or a gradient "
                 "overflowed); the consolidated state is unchanged"
             )
+    warn_fallbacks(paths, params, reasons)  # once per pass, naming what left the rules
     return FisherSums(accumulated, count, examples, batch_count, paths)
 
 
+def _default_criterion(model: nn.Module, estimator: str) -> Criterion:
+    criterion = huggingface.default_criterion(model)
+    if criterion is None:
+        raise UnsupportedCriterionError(
+            f"Argument `criterion` is None and fisher={estimator!r} cannot derive one: the model "
+            f"({type(model).__name__}) is not a Hugging Face model with a task; pass the task "
+            "loss, e.g. criterion=nn.CrossEntropyLoss()"
+        )
+    return criterion
+
+
+def _plain(batch: Batch) -> Batch:
+    """A ``Mapping`` that is not a dict (``BatchEncoding``) as a dict: pytrees see its tensors."""
+    if isinstance(batch, Mapping) and not isinstance(batch, dict):
+        return dict(batch)
+    return batch
+
+
 def _limited(batches: Iterable[Batch], max_samples: int | None) -> Iterator[Batch]:
-    """The batches, cut so that at most ``max_samples`` examples are yielded in total."""
+    """The batches, cut so that at most ``max_samples`` examples are yielded in total.
+
+    Only the cut itself is reported as a ``max_samples`` problem; whatever the loader raises
+    propagates unchanged.
+    """
     try:
         yield from first_examples(batches, max_samples)
-    except ValueError as error:
+    except UncuttableBatchError as error:
         raise ConsolidationError(f"max_samples={max_samples}: {error}") from error
 
 
-def _checked(forward: ForwardFn) -> ForwardFn:
+def _checked(forward: ForwardFn, params: Mapping[str, Tensor]) -> ForwardFn:
+    """``forward`` with its result checked: a pair, a floating-point output with examples along
+    dim 0 carrying the autograd graph, and targets with one entry per example."""
+    needs_graph = any(p.requires_grad for p in params.values())
+
     def run_model(model: nn.Module, batch: Batch) -> tuple[Tensor, Any]:
-        output, target = forward(model, batch)
-        if not isinstance(output, Tensor):
-            raise TypeError(
-                f"forward(model, batch) must return (output, target) with a tensor output; got "
-                f"output of type {type(output).__name__}"
+        if torch._C._are_functorch_transforms_active():  # inside the engine's vmap fallback
+            return _pair(forward(model, batch))
+        with torch.enable_grad():  # so that a graph-less output is caught, whoever called
+            output, target = _pair(forward(model, batch))
+        if output.dim() == 0:
+            raise ConsolidationError(
+                "forward(model, batch) returned a 0-d output (a scalar, e.g. a loss); the "
+                "estimators need per-example outputs with examples along dim 0"
+            )
+        if not (output.is_floating_point() or output.is_complex()):
+            raise ConsolidationError(
+                f"forward(model, batch) returned an output of dtype {output.dtype}; the Fisher "
+                "needs a floating-point output carrying the autograd graph"
+            )
+        if needs_graph and not output.requires_grad:
+            raise ConsolidationError(
+                "forward(model, batch) returned an output without an autograd graph "
+                "(requires_grad=False): was it computed under torch.no_grad() or .detach()ed, or "
+                "does no parameter being estimated reach it? Its Fisher would be silently zero"
+            )
+        if isinstance(target, Tensor) and target.dim() >= 1 and target.shape[0] != output.shape[0]:
+            raise ConsolidationError(
+                f"the target (labels) has {target.shape[0]} entries along dim 0 (shape "
+                f"{tuple(target.shape)}) but the model output has {output.shape[0]} examples "
+                f"(shape {tuple(output.shape)})"
             )
         return output, target
 
     return run_model
+
+
+def _reversed(run_model: ForwardFn) -> ForwardFn:
+    """``(-output, target)``: the negation is part of the model, so every engine path
+    differentiates ``loss(-f(x), y)``."""
+
+    def run_reversed(model: nn.Module, batch: Batch) -> tuple[Tensor, Any]:
+        output, target = run_model(model, batch)
+        return -output, target
+
+    return run_reversed
+
+
+def _pair(result: Any) -> tuple[Tensor, Any]:
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        what = (
+            f"a {type(result).__name__} of length {len(result)}"
+            if isinstance(result, (tuple, list))
+            else f"a {type(result).__name__}"
+        )
+        raise ConsolidationError(
+            f"forward(model, batch) must return a pair (output, target); got {what}"
+        )
+    output, target = result
+    if not isinstance(output, Tensor):
+        raise ConsolidationError(
+            f"forward(model, batch) must return (output, target) with a tensor output; got "
+            f"output of type {type(output).__name__}"
+        )
+    return output, target
+
+
+def _engine_pass(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: Batch,
+    run_model: ForwardFn,
+    make_signals: Callable[[Tensor, Any], Tensor | LazySignals],
+) -> SquaredGradSums:
+    """One batch through the engine; lazy signals are read by the engine in budget-sized chunks
+    (:mod:`ewc._per_sample.signals`)."""
+    return squared_grad_sums(
+        model,
+        params,
+        batch,
+        run_model,
+        make_signals,
+        memory_budget_bytes=DEFAULT_MEMORY_BUDGET_BYTES,  # read at call time: a module setting
+    )
 
 
 def _batch_gradient_squares(
@@ -200,16 +405,29 @@ def _batch_gradient_squares(
     params: Mapping[str, Tensor],
     batch: Batch,
     criterion: Criterion,
-    forward: ForwardFn,
-) -> TensorDict:
+    likelihood: Likelihood | None,
+    run_model: ForwardFn,
+) -> tuple[TensorDict, int]:
     """``(d criterion(batch) / d theta)^2``: Avalanche's importance term for one mini-batch."""
     names = list(params)
     with torch.enable_grad():
-        output, target = forward(model, batch)
-        loss = criterion(output, target)
+        output, target = run_model(model, batch)
+        loss = (
+            criterion(output, target)
+            if likelihood is None
+            else likelihood.batch_loss(output, target)
+        )
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            reduction = getattr(criterion, "reduction", None)
+            raise UnsupportedCriterionError(
+                f"fisher='batched' needs a scalar loss from the criterion but got {shape}"
+                + (f" (criterion's `reduction`={reduction!r})" if reduction is not None else "")
+                + "; use reduction='mean' or 'sum'"
+            )
         _check_finite(loss, "loss")
-        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-    return {
+        grads = torch.autograd.grad(loss.reshape(()), [params[n] for n in names], allow_unused=True)
+    sums = {
         name: (
             torch.zeros_like(
                 params[name], dtype=torch.promote_types(params[name].dtype, torch.float32)
@@ -219,6 +437,7 @@ def _batch_gradient_squares(
         )
         for name, grad in zip(names, grads)
     }
+    return sums, int(output.shape[0])
 
 
 def _check_finite(tensor: Tensor, what: str) -> None:
@@ -230,11 +449,11 @@ def _check_finite(tensor: Tensor, what: str) -> None:
 
 
 def _signal_maker(
-    estimator: str, likelihood: str | None, criterion: Criterion, mc_samples: int
-) -> Callable[[Tensor, Any], Tensor]:
+    estimator: str, likelihood: Likelihood | None, criterion: Criterion, mc_samples: int
+) -> Callable[[Tensor, Any], Tensor | LazySignals]:
     """Backward signals on the output whose squared per-example gradients give the estimator."""
 
-    def make(output: Tensor, target: Any) -> Tensor:
+    def make(output: Tensor, target: Any) -> Tensor | LazySignals:
         _check_finite(output, "model output")
         if estimator == "empirical":
             if target is None:
@@ -243,81 +462,48 @@ def _signal_maker(
                     "`forward` returning (output, target)"
                 )
             return per_example_loss_grads(criterion, output, target).unsqueeze(0)
-        if likelihood == "categorical":
-            if estimator == "exact":
-                return categorical_exact_signals(output)
-            return categorical_sample_signals(output, mc_samples)
+        assert likelihood is not None  # checked by fisher_sums
         if estimator == "exact":
-            return gaussian_exact_signals(output)
-        return gaussian_sample_signals(output, mc_samples)
+            _check_signal_count(likelihood.exact_signal_count(output, target), output)
+            return likelihood.exact_signals(output, target)
+        return likelihood.sample_signals(output, target, mc_samples)
 
     return make
 
 
-def _widened(tensor: Tensor) -> Tensor:
-    """At least float32, so bfloat16 models get accurate probabilities and float64 keep theirs."""
-    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
-
-
-def categorical_exact_signals(logits: Tensor) -> Tensor:
-    """Signals ``sqrt(p_c) (p - e_c)`` for every (position, class): ``(K, n, ..., C)``.
-
-    Their squared per-example gradients sum to ``sum_c p_c (grad log p_c)^2`` per position.
-    """
-    probs = torch.softmax(_widened(logits), dim=-1)
-    classes = probs.shape[-1]
-    positions = math.prod(probs.shape[1:-1])
-    _warn_signal_count(positions * classes)
-    flat = probs.reshape(probs.shape[0], positions, classes)  # (n, S, C)
-    eye = torch.eye(classes, dtype=probs.dtype, device=probs.device)
-    # per class c: sqrt(p_c) * (p - e_c), at one position at a time
-    per_class = flat.sqrt().unsqueeze(-1) * (flat.unsqueeze(-2) - eye)  # (n, S, c, C)
-    if positions == 1:
-        signals = per_class[:, 0].permute(1, 0, 2)  # (C, n, C)
-        return signals.reshape(classes, *logits.shape).to(logits.dtype)
-    signals = per_class.new_zeros(positions, classes, probs.shape[0], positions, classes)
-    for s in range(positions):
-        signals[s, :, :, s, :] = per_class[:, s].permute(1, 0, 2)
-    return signals.reshape(positions * classes, *logits.shape).to(logits.dtype)
-
-
-def categorical_sample_signals(logits: Tensor, mc_samples: int) -> Tensor:
-    """Signals ``(p - e_y) / sqrt(m)``, ``y ~ Categorical(p)`` drawn per example and position."""
-    probs = torch.softmax(_widened(logits), dim=-1)
-    flat = probs.reshape(-1, probs.shape[-1])
-    draws = torch.multinomial(flat, mc_samples, replacement=True)  # (n*S, m)
-    onehot = F.one_hot(draws.T, probs.shape[-1]).to(probs.dtype)  # (m, n*S, C)
-    signals = (flat.unsqueeze(0) - onehot) / math.sqrt(mc_samples)
-    return signals.reshape(mc_samples, *logits.shape).to(logits.dtype)
-
-
-def gaussian_exact_signals(output: Tensor) -> Tensor:
-    """Unit vectors on each output component: ``sum_d (grad f_d)^2``, the unit-variance Fisher."""
-    components = math.prod(output.shape[1:])
-    _warn_signal_count(components)
-    eye = torch.eye(components, dtype=output.dtype, device=output.device)
-    signals = eye.unsqueeze(1).expand(components, output.shape[0], components)
-    return signals.reshape(components, *output.shape)
-
-
-def gaussian_sample_signals(output: Tensor, mc_samples: int) -> Tensor:
-    """Signals ``eps / sqrt(m)`` with ``eps ~ N(0, I)``: ``y - f`` for ``y ~ N(f, I)``."""
-    noise = torch.randn(
-        (mc_samples, *output.shape), dtype=_widened(output).dtype, device=output.device
-    )
-    return (noise / math.sqrt(mc_samples)).to(output.dtype)
+def _check_signal_count(count: int, output: Tensor) -> None:
+    """Refuse far too many ``exact`` signals before any backward pass; warn about many."""
+    if count > MAX_EXACT_SIGNALS:
+        raise ConsolidationError(
+            f"fisher='exact' would run {count} backward signals per batch for a model output of "
+            f"shape {tuple(output.shape)} (one per output position and class), more than "
+            f"ewc.fisher.MAX_EXACT_SIGNALS={MAX_EXACT_SIGNALS}; use fisher='sample' "
+            "(mc_samples signals: one per draw for a whole sequence) or fisher='empirical'. "
+            "max_samples=n bounds the examples used, not the signals per batch."
+        )
+    if count > EXACT_SIGNAL_WARNING_THRESHOLD and count not in _warned_signal_counts:
+        _warned_signal_counts.add(count)
+        warnings.warn(
+            f"fisher='exact' runs {count} backward signals per batch (one per class and output "
+            "position), so consolidation costs about that many backward passes per batch; "
+            "fisher='sample' (mc_samples signals) or max_samples=n is cheaper",
+            stacklevel=5,
+        )
 
 
 def per_example_loss_grads(criterion: Criterion, output: Tensor, target: Any) -> Tensor:
-    """``d criterion(f(x_n)[None], y_n[None]) / d f(x_n)`` for every example: the criterion applied
-    to a batch of one, so its reduction does not matter.
+    """``d loss(f(x_n), y_n) / d f(x_n)`` for every example.
 
-    Closed forms for the common criteria (see :func:`_closed_form_loss_grads`); otherwise
-    ``vmap(grad(criterion))`` over examples, and a loop over examples if that fails."""
-    closed = _closed_form_loss_grads(criterion, output, target)
-    if closed is not None:
-        _check_finite(closed, "per-example loss gradient")
-        return closed.to(output.dtype)
+    For a criterion with a registered likelihood (:mod:`ewc.likelihoods`) the closed form, O(n C):
+    the example's loss is the sum over its positions not ignored (weights and label smoothing
+    applied; see each likelihood). Otherwise the criterion applied to a batch of one,
+    ``vmap(grad(criterion))`` over examples, and a loop over examples if that fails.
+    """
+    likelihood = likelihood_for(criterion)
+    if likelihood is not None:
+        grads = likelihood.loss_grads(output, target)
+        _check_finite(grads, "per-example loss gradient")
+        return grads.to(output.dtype)
 
     def loss_of_one(out: Tensor, tgt: Any) -> Tensor:
         return criterion(out.unsqueeze(0), tgt.unsqueeze(0) if isinstance(tgt, Tensor) else tgt)
@@ -337,59 +523,3 @@ def per_example_loss_grads(criterion: Criterion, output: Tensor, target: Any) ->
         grads = torch.cat(rows)
     _check_finite(grads, "per-example loss gradient")
     return grads.to(output.dtype)
-
-
-def _closed_form_loss_grads(criterion: Criterion, output: Tensor, target: Any) -> Tensor | None:
-    """Per-example output gradients of the default-configured common criteria, or None.
-
-    * cross-entropy on logits ``(n, C)`` with class indices: ``softmax(o) - e_y``;
-    * NLL on log-probabilities ``(n, C)``: ``-e_y``;
-    * MSE (``mean``/``sum``): ``2 (o - y) / d`` with ``d`` the elements per example (1 for sum).
-
-    Class weights, label smoothing, ignored targets or other layouts return None (generic path).
-    Cost: O(n C), against a ``vmap`` of the criterion's autograd.
-    """
-    if not isinstance(target, Tensor) or output.dim() < 1:
-        return None
-    rows = torch.arange(output.shape[0], device=output.device)
-    if isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss)) or criterion in (
-        F.cross_entropy,
-        F.nll_loss,
-    ):
-        if isinstance(criterion, nn.CrossEntropyLoss) and criterion.label_smoothing != 0.0:
-            return None
-        weight = getattr(criterion, "weight", None)
-        ignore_index = getattr(criterion, "ignore_index", -100)
-        if (
-            weight is not None
-            or output.dim() != 2
-            or target.shape != output.shape[:1]
-            or target.dtype not in (torch.int64, torch.int32)
-            or bool((target == ignore_index).any())
-        ):
-            return None
-        is_cross_entropy = (
-            isinstance(criterion, nn.CrossEntropyLoss) or criterion is F.cross_entropy
-        )
-        widened = _widened(output)
-        grads = torch.softmax(widened, dim=-1) if is_cross_entropy else torch.zeros_like(widened)
-        grads[rows, target.long()] -= 1.0
-        return grads
-    if isinstance(criterion, nn.MSELoss) or criterion is F.mse_loss:
-        reduction = getattr(criterion, "reduction", "mean")
-        if reduction not in ("mean", "sum") or target.shape != output.shape:
-            return None
-        per_example = output[0].numel() if reduction == "mean" else 1
-        return 2.0 * (_widened(output) - target) / per_example
-    return None
-
-
-def _warn_signal_count(count: int) -> None:
-    if count > EXACT_SIGNAL_WARNING_THRESHOLD and count not in _warned_signal_counts:
-        _warned_signal_counts.add(count)
-        warnings.warn(
-            f"fisher='exact' runs {count} backward signals per batch (one per class and output "
-            "position), so consolidation costs about that many backward passes per batch; "
-            "fisher='sample' (mc_samples signals) or max_samples=n is cheaper",
-            stacklevel=4,
-        )

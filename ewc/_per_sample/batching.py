@@ -8,7 +8,17 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["batch_size_of", "first_examples", "slice_examples", "vmap_in_dims"]
+__all__ = [
+    "UncuttableBatchError",
+    "batch_size_of",
+    "first_examples",
+    "slice_examples",
+    "vmap_in_dims",
+]
+
+
+class UncuttableBatchError(ValueError):
+    """A batch must be cut to the first examples but holds no tensor with a batch dimension."""
 
 
 def _is_batched(leaf: Any, size: int) -> bool:
@@ -38,7 +48,8 @@ def first_examples(batches: Iterable[Any], count: int | None) -> Iterator[Any]:
     (all of them when ``count`` is None or the batches hold fewer).
 
     Raises:
-        ValueError: a batch that must be cut holds no tensor with a batch dimension.
+        UncuttableBatchError: (a ``ValueError``) a batch that must be cut holds no tensor with a
+            batch dimension. Whatever ``batches`` raises propagates unchanged.
     """
     seen = 0
     for batch in batches:
@@ -47,7 +58,7 @@ def first_examples(batches: Iterable[Any], count: int | None) -> Iterator[Any]:
             continue
         size = batch_size_of(batch)
         if size is None:
-            raise ValueError(
+            raise UncuttableBatchError(
                 f"cutting the data to its first {count} examples needs batches holding tensors "
                 f"with a batch dimension, but got a batch of type {type(batch).__name__}"
             )

@@ -86,7 +86,6 @@ class Case:
     error: type[BaseException]
     pattern: str
     cause: type[BaseException] | None = None
-    xfail: str | None = None
 
 
 # ---------------------------------------------------------------- helpers for the actions
@@ -295,8 +294,6 @@ CALL_CASES = [
         ConsolidationError,
         r"ValueError: corrupt record 7",
         ValueError,
-        xfail="ewc.fisher._limited reports a loader's ValueError as a `max_samples` problem "
-        "(issue 12 item 5, work package B)",
     ),
     Case(
         "loader-raises-KeyError",
@@ -465,10 +462,7 @@ CALL_CASES = [
 
 @pytest.mark.parametrize(
     "case",
-    [
-        pytest.param(case, marks=[pytest.mark.xfail(reason=case.xfail)] if case.xfail else [])
-        for case in CALL_CASES
-    ],
+    CALL_CASES,
     ids=[case.id for case in CALL_CASES],
 )
 def test_bad_calls_name_the_argument_and_value_and_change_nothing(case: Case) -> None:

@@ -276,37 +276,50 @@ def test_bfloat16_model_keeps_float32_fisher():
         (nn.NLLLoss(), "classes"),
         (nn.MSELoss(), "values"),
         (nn.MSELoss(reduction="sum"), "values"),
-        (nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)), "classes"),
+        (
+            nn.CrossEntropyLoss(
+                weight=torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64), reduction="sum"
+            ),
+            "classes",
+        ),
         (nn.CrossEntropyLoss(label_smoothing=0.1), "classes"),
+        (nn.CrossEntropyLoss(ignore_index=1), "classes"),
     ],
-    ids=["ce", "ce-sum", "f.ce", "nll", "mse", "mse-sum", "ce-weighted", "ce-smoothing"],
+    ids=[
+        "ce",
+        "ce-sum",
+        "f.ce",
+        "nll",
+        "mse",
+        "mse-sum",
+        "ce-weighted-sum",
+        "ce-smoothing",
+        "ce-ignore",
+    ],
 )
-def test_per_example_loss_gradients_equal_the_generic_path(criterion, target_kind):
-    from ewc.fisher import _closed_form_loss_grads, per_example_loss_grads
+def test_closed_form_loss_gradients_equal_the_criterion_on_a_batch_of_one(criterion, target_kind):
+    """The registered likelihoods' closed forms against the generic path (autograd of the
+    criterion applied to each example as a batch of one), where the two definitions agree."""
+    from ewc.fisher import per_example_loss_grads
+    from ewc.likelihoods import likelihood_for
 
     generator = torch.Generator().manual_seed(0)
     output = torch.randn(6, 3, generator=generator, dtype=torch.float64)
     if isinstance(criterion, nn.NLLLoss):
         output = torch.log_softmax(output, dim=-1)
     target = (
-        torch.randint(0, 3, (6,), generator=generator)
+        torch.tensor([0, 1, 2, 1, 0, 2])
         if target_kind == "classes"
         else torch.randn(6, 3, generator=generator, dtype=torch.float64)
     )
+    assert likelihood_for(criterion) is not None
     fast = per_example_loss_grads(criterion, output, target)
+    if getattr(criterion, "ignore_index", -100) == 1:  # a batch of one with only ignored: NaN
+        keep = target != 1
+        assert torch.count_nonzero(fast[~keep]) == 0
+        output, target, fast = output[keep], target[keep], fast[keep]
     generic = per_example_loss_grads(lambda o, t: criterion(o, t), output, target)  # not recognised
     torch.testing.assert_close(fast, generic, rtol=1e-12, atol=1e-12)
-    configured = getattr(criterion, "weight", None) is not None or getattr(
-        criterion, "label_smoothing", 0.0
-    )
-    assert (_closed_form_loss_grads(criterion, output, target) is None) == bool(configured)
-
-
-def test_ignored_targets_take_the_generic_path():
-    from ewc.fisher import _closed_form_loss_grads
-
-    output, target = torch.randn(4, 3), torch.tensor([0, -100, 2, 1])
-    assert _closed_form_loss_grads(nn.CrossEntropyLoss(), output, target) is None
 
 
 def test_exact_warns_once_with_the_cost_when_signals_exceed_one_hundred():
@@ -327,4 +340,56 @@ def test_exact_warns_once_with_the_cost_when_signals_exceed_one_hundred():
         warnings.simplefilter("error")  # 100 signals is within the threshold
         EWC(1.0).consolidate(
             small, [(torch.randn(2, 3), torch.randint(0, 100, (2,)))], nn.CrossEntropyLoss()
+        )
+
+
+@pytest.mark.parametrize("estimator", ["empirical", "batched"])
+@pytest.mark.parametrize("case", ["mlp-dropout", "per-token-logits"])
+def test_logits_reversal_matches_brute_force_of_the_reversed_loss(case: str, estimator: str):
+    """EWC-DR: the importance from ``criterion(-f(x), y)``, per example and per mini-batch."""
+    from ewc.fisher import fisher_sums
+
+    model, batches, _ = make_case(case)
+    model.eval()
+    params = dict(model.named_parameters())
+    sums = fisher_sums(
+        model, params, batches, nn.CrossEntropyLoss(), estimator=estimator, logits_reversal=True
+    )
+    flat = nn.functional.cross_entropy
+    total = {name: torch.zeros_like(p) for name, p in params.items()}
+    count = 0
+    for x, y, _ in batches:
+        pieces = (
+            [(x, y)]
+            if estimator == "batched"
+            else [(x[i : i + 1], y[i : i + 1]) for i in range(len(x))]
+        )
+        for xs, ys in pieces:
+            logits = model(xs)
+            loss = flat(-logits.reshape(-1, logits.shape[-1]), ys.reshape(-1))
+            if estimator == "empirical":  # the example's loss: summed over its positions
+                loss = loss * ys.numel()
+            for name, grad in zip(params, torch.autograd.grad(loss, list(params.values()))):
+                total[name] += grad.square()
+            count += 1
+    assert sums.count == count
+    plain = fisher_sums(model, params, batches, nn.CrossEntropyLoss(), estimator=estimator)
+    for name, value in total.items():
+        torch.testing.assert_close(sums.sums[name], value, rtol=1e-9, atol=1e-12)
+        assert not torch.allclose(plain.sums[name], value)  # the reversal changes the importance
+
+
+@pytest.mark.parametrize("estimator", ["exact", "sample"])
+def test_logits_reversal_is_refused_by_likelihood_estimators(estimator: str):
+    from ewc.fisher import fisher_sums
+
+    model, batches, _ = make_case("mlp-dropout")
+    with pytest.raises(ValueError, match=rf"`logits_reversal`=True.*fisher={estimator!r}"):
+        fisher_sums(
+            model,
+            dict(model.named_parameters()),
+            batches,
+            nn.CrossEntropyLoss(),
+            estimator=estimator,
+            logits_reversal=True,
         )

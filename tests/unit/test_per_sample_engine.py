@@ -59,7 +59,7 @@ def test_mixed_rule_and_raw_parameter() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), Scaled(3), nn.Linear(3, 2)).double()
     paths = check(model, torch.randn(6, 4, dtype=torch.float64), signals=2)
-    assert paths["1.scale"] == "vmap"
+    assert paths["1.scale"] == "layer:Scaled"  # the per-layer step, not the whole model
     assert paths["0.weight"] == paths["1.fc.weight"] == paths["2.bias"] == "rule:Linear"
 
 
@@ -75,10 +75,10 @@ class Shared(nn.Module):
         return self.head(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
 
 
-def test_weight_sharing_goes_to_fallback() -> None:
+def test_module_called_twice_sums_per_example_before_squaring() -> None:
     torch.manual_seed(0)
     paths = check(Shared().double(), torch.randn(5, 3, dtype=torch.float64), signals=2)
-    assert paths["inner.weight"] == "vmap"
+    assert paths["inner.weight"] == paths["inner.bias"] == "rule:Linear"
     assert paths["head.weight"] == "rule:Linear"
 
 
@@ -96,10 +96,10 @@ class Tied(nn.Module):
         return self.out(torch.tanh(self.mix(self.embed(index)))).sum(1)
 
 
-def test_tied_weights_go_to_fallback() -> None:
+def test_tied_weights_sum_every_use_before_squaring() -> None:
     torch.manual_seed(0)
     paths = check(Tied().double(), torch.randint(0, 5, (4, 3)), signals=2)
-    assert paths["embed.weight"] == "vmap"
+    assert paths["embed.weight"] == "rule:Embedding+rule:Linear"
     assert paths["mix.weight"] == "rule:Linear"
 
 
@@ -117,7 +117,8 @@ class UsesWeightOutside(nn.Module):
 def test_parameter_used_outside_its_module_goes_to_fallback() -> None:
     torch.manual_seed(0)
     paths = check(UsesWeightOutside().double(), torch.randn(4, 3, dtype=torch.float64))
-    assert paths["fc.weight"] == paths["fc.bias"] == "vmap"
+    assert paths["fc.weight"] == "vmap"
+    assert paths["fc.bias"] == "rule:Linear"  # used by its module only
 
 
 class SequenceFirst(nn.Module):
@@ -214,7 +215,7 @@ def test_tiny_budget_chunks_signals_and_examples() -> None:
         nn.Conv1d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4, 2), Scaled(2)
     ).double()
     paths = check(model, torch.randn(6, 2, 6, dtype=torch.float64), signals=3, budget=1)
-    assert paths["4.scale"] == "vmap" and paths["0.weight"] == "rule:Conv1d"
+    assert paths["4.scale"] == "layer:Scaled" and paths["0.weight"] == "rule:Conv1d"
 
 
 def test_batch_norm_training_mode_is_not_a_rule() -> None:
@@ -251,7 +252,7 @@ def test_paths_are_logged_at_debug(caplog: pytest.LogCaptureFixture) -> None:
             model, dict(model.named_parameters()), torch.randn(2, 3), run_model, signal_maker(1)
         )
     assert "0.weight via rule:Linear" in caplog.text
-    assert "1.scale via vmap" in caplog.text
+    assert "1.scale via layer:Scaled" in caplog.text
 
 
 @pytest.mark.parametrize("budget", [0, -5, 1.5, True, "1GB"])

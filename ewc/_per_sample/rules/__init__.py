@@ -5,7 +5,7 @@ Importing this package registers every rule in :data:`RULES`.
 
 from __future__ import annotations
 
-from ewc._per_sample.rules import attention, conv, embedding, linear, norm
+from ewc._per_sample.rules import attention, conv, embedding, linear, norm, transposed_linear
 from ewc._per_sample.rules.registry import RULES, LayerRule, register_rule, rule_for
 
 __all__ = [
@@ -18,4 +18,5 @@ __all__ = [
     "norm",
     "register_rule",
     "rule_for",
+    "transposed_linear",
 ]

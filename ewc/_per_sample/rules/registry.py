@@ -4,14 +4,17 @@ A rule computes, for one call of a module, the sum over examples and backward si
 per-example parameter gradients from the module's captured inputs and the gradients with respect
 to its output, without autograd through the weight-gradient kernels.
 
-Adding a layer touches one place: a new file in this package with a function decorated by
-:func:`register_rule`, imported from ``ewc/_per_sample/rules/__init__.py``.
+A rule outside the package (a user's layer) is one call of the public :func:`ewc.register_rule`
+(see :mod:`ewc.rules`); a rule shipped with the package is one file here, imported from
+``ewc/_per_sample/rules/__init__.py``, plus its test. Modules without a rule are not lost to a
+whole-model fallback: the engine runs a per-layer ``torch.func`` step on them (see
+:mod:`ewc._per_sample.layerwise`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -20,15 +23,19 @@ from torch import Tensor, nn
 from ewc._typing import TensorDict
 
 __all__ = [
+    "MATCHERS",
     "RULES",
     "BindFn",
     "LayerRule",
+    "MatchFn",
+    "PerExampleFn",
     "RuleFn",
     "SupportsFn",
     "accumulator_dtype",
     "chunk_size",
     "register_rule",
     "rule_for",
+    "set_per_example",
     "single_batched_input",
 ]
 
@@ -41,6 +48,20 @@ output. The result holds, for every local parameter name in ``names`` (``"weight
 ``sum_k sum_n (d <s_k, out> / d theta_n)^2`` in the accumulator dtype (see
 :func:`accumulator_dtype`).
 """
+
+PerExampleFn = Callable[[nn.Module, tuple[Any, ...], Tensor, Collection[str]], TensorDict]
+"""``per_example(module, inputs, grad_outputs, names) -> {local name: (K, c, *param.shape)}``.
+
+The per-example gradients themselves, for ``c`` examples (``inputs`` and ``grad_outputs`` cut to
+those examples; an input broadcast along dim 0 stays as it is). The engine asks for them when a
+parameter has several uses (a module called twice, tied weights), whose contributions must be
+summed per example *before* squaring; it sizes ``c`` to the memory budget. Optional: without it
+the engine differentiates the module call with ``torch.func`` (the per-layer step).
+"""
+
+MatchFn = Callable[[nn.Module], bool]
+"""``matches(module) -> bool``: structural match for a rule registered without importing the
+module's class (Hugging Face's ``Conv1D``)."""
 
 SupportsFn = Callable[[nn.Module, tuple[Tensor, ...], int], bool]
 """``supports(module, inputs, batch_size) -> bool``: whether the rule's assumptions hold for this
@@ -69,23 +90,36 @@ class LayerRule:
             their local names are dotted (``"out_proj.weight"``).
         tuple_output: the module returns a tuple whose first item is the output the rule is
             about (``MultiheadAttention`` returns ``(output, weights)``).
+        per_example: per-example gradients (see :data:`PerExampleFn`), or None.
+        broadcast: the rule accepts a call whose input and output have size 1 along dim 0,
+            broadcast against the batch later (position ids ``(1, L)``); the engine then hands the
+            rest of the model that output expanded to the batch size, so that each example gets
+            its own output gradient.
+        name: the name in the reported path (default: the module type's name).
     """
 
-    module_type: type[nn.Module]
+    module_type: type[nn.Module] | None
     compute: RuleFn
     supports: SupportsFn
     bind: BindFn = positional_only
     owns_children: bool = False
     tuple_output: bool = False
+    per_example: PerExampleFn | None = None
+    broadcast: bool = False
+    name: str = ""
 
     @property
     def path(self) -> str:
         """The path name reported per parameter, e.g. ``"rule:Linear"``."""
-        return f"rule:{self.module_type.__name__}"
+        name = self.name or (self.module_type.__name__ if self.module_type else "?")
+        return f"rule:{name}"
 
 
 RULES: dict[type[nn.Module], LayerRule] = {}
 """Registered rules by exact module type (a subclass may override ``forward``, so it gets none)."""
+
+MATCHERS: list[tuple[MatchFn, LayerRule]] = []
+"""Rules matched by structure, tried in registration order after :data:`RULES`."""
 
 
 def single_batched_input(inputs: tuple[Tensor, ...], batch_size: int, min_dim: int) -> bool:
@@ -114,22 +148,57 @@ def register_rule(
     bind: BindFn = positional_only,
     owns_children: bool = False,
     tuple_output: bool = False,
+    per_example: PerExampleFn | None = None,
+    broadcast: bool = False,
+    matches: MatchFn | None = None,
+    name: str = "",
 ) -> Callable[[RuleFn], RuleFn]:
-    """Decorator registering ``rule`` for each of ``module_types`` (exact types).
+    """Decorator registering ``rule`` for each of ``module_types`` (exact types), or for every
+    module that ``matches`` (a structural match, when the class cannot be imported).
 
     Args:
         module_types: the ``nn.Module`` classes the rule computes.
         supports: a per-call check; default: the first input is a tensor with at least 2 dims whose
             dim 0 is the batch size.
-        bind, owns_children, tuple_output: see :class:`LayerRule`.
+        bind, owns_children, tuple_output, per_example, broadcast: see :class:`LayerRule`.
+        matches: instead of ``module_types``, a predicate on the module.
+        name: the path name for a ``matches`` rule (``"rule:<name>"``).
 
     Raises:
-        ValueError: a type is not an ``nn.Module`` subclass or already has a rule.
+        ValueError: a type is not an ``nn.Module`` subclass or already has a rule, or neither
+            (or both of) ``module_types`` and ``matches`` are given.
 
     Example:
         >>> @register_rule(MyLayer)  # doctest: +SKIP
         ... def my_layer(module, inputs, grad_outputs, names, budget): ...
     """
+    if matches is not None:
+        if module_types:
+            raise ValueError("register_rule takes module types or `matches`, not both")
+        if not callable(matches) or not name:
+            raise ValueError(
+                f"Expected argument `matches` to be a callable with a `name` but got "
+                f"matches={matches!r}, name={name!r}"
+            )
+
+        def decorate_match(rule: RuleFn) -> RuleFn:
+            if any(existing.name == name for _, existing in MATCHERS):
+                raise ValueError(f"a per-example rule named {name!r} is already registered")
+            layer_rule = LayerRule(
+                None,
+                rule,
+                supports or _batched_along_dim0,
+                bind,
+                owns_children,
+                tuple_output,
+                per_example,
+                broadcast,
+                name,
+            )
+            MATCHERS.append((matches, layer_rule))
+            return rule
+
+        return decorate_match
     if not module_types:
         raise ValueError("register_rule needs at least one module type; got none")
     for module_type in module_types:
@@ -157,15 +226,29 @@ def register_rule(
                 bind,
                 owns_children,
                 tuple_output,
+                per_example,
+                broadcast,
             )
         return rule
 
     return decorate
 
 
+def set_per_example(module_type: type[nn.Module], per_example: PerExampleFn) -> None:
+    """Attach per-example gradients to the rule already registered for ``module_type``."""
+    RULES[module_type] = replace(RULES[module_type], per_example=per_example)
+
+
 def rule_for(module: nn.Module) -> LayerRule | None:
-    """The rule registered for ``type(module)`` exactly, or None."""
-    return RULES.get(type(module))
+    """The rule registered for ``type(module)`` exactly, else the first structural match, or
+    None."""
+    rule = RULES.get(type(module))
+    if rule is not None:
+        return rule
+    for matches, candidate in MATCHERS:
+        if matches(module):
+            return candidate
+    return None
 
 
 def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:

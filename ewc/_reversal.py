@@ -1,4 +1,4 @@
-"""EWC-DR's two changes to the importance (Liu & Chang, CVPR 2026), kept out of the estimators.
+"""EWC-DR's two changes to the importance (Liu & Chang, CVPR 2026): the checks and the clamp.
 
 "Elastic Weight Consolidation Done Right for Continual Learning" (arXiv 2603.18596) observes that
 the gradient of the cross-entropy vanishes on confidently classified examples (``1 - p_y -> 0``),
@@ -7,12 +7,13 @@ so EWC's importance misses exactly the weights the old task relies on most. Two 
 * **Logits reversal**: the importance is computed from the loss on the negated output,
   ``loss(-f(x), y)`` with the data's labels, instead of ``loss(f(x), y)``. With ``empirical`` the
   per-example term becomes ``(grad loss(-f(x), y))^2``; with ``batched`` (the published code's
-  form) the per-batch term becomes ``(grad criterion(-f(X), Y))^2``. It is done by wrapping the
-  ``forward`` of the Fisher pass (:func:`reversed_forward`), so every engine path and rule applies
-  unchanged: the negation is one more differentiable op on the output. ``exact`` and ``sample``
-  refuse it: they take expectations under the model's own ``p(c|x)``, and "the Fisher of the
-  reversed model" (``softmax(-z)``) is a different quantity that the paper neither defines nor
-  evaluates.
+  form) the per-batch term becomes ``(grad criterion(-f(X), Y))^2``.
+  :func:`ewc.fisher.fisher_sums` (``logits_reversal=True``) negates the output of the Fisher
+  pass's ``forward``, so every engine path and rule applies unchanged: the negation is one more
+  differentiable op on the output. ``exact`` and ``sample`` refuse it (:class:`ewc.EWC` already
+  at construction, with :func:`check_logits_reversal`): they take expectations under the
+  model's own ``p(c|x)``, and "the Fisher of the reversed model" (``softmax(-z)``) is a
+  different quantity that the paper neither defines nor evaluates.
 * **Importance clamp**: every entry of a task's importance is clamped at ``max_importance``
   before the task is folded into the state (:func:`clamped`), as the published code clamps each
   task's importance (at 1e-4, a value tied to its ResNet-18 / CIFAR-100 scale). In online mode the
@@ -27,17 +28,13 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from torch import Tensor, nn
-
-from ewc._typing import Batch, ForwardFn
+from torch import Tensor
 
 __all__ = [
     "REVERSIBLE_ESTIMATORS",
     "check_logits_reversal",
     "check_max_importance",
     "clamped",
-    "fisher_forward",
-    "reversed_forward",
 ]
 
 REVERSIBLE_ESTIMATORS = ("empirical", "batched")
@@ -80,35 +77,6 @@ def check_max_importance(value: Any) -> float | None:
             f"Expected argument `max_importance` to be finite and > 0 but got {value!r}"
         )
     return float(value)
-
-
-def reversed_forward(forward: ForwardFn | None) -> ForwardFn:
-    """``forward`` whose output is negated: ``(model, batch) -> (-output, target)``.
-
-    ``None`` wraps :func:`ewc.fisher.default_forward` (looked up at call time, so its dispatch
-    for other batch layouts applies).
-    """
-
-    def run(model: nn.Module, batch: Batch) -> tuple[Tensor, Any]:
-        if forward is None:
-            from ewc.fisher import default_forward
-
-            output, target = default_forward(model, batch)
-        else:
-            output, target = forward(model, batch)
-        if not isinstance(output, Tensor):
-            raise TypeError(
-                "logits_reversal=True negates the output of forward(model, batch), which must be "
-                f"a tensor of logits; got output of type {type(output).__name__}"
-            )
-        return -output, target
-
-    return run
-
-
-def fisher_forward(forward: ForwardFn | None, logits_reversal: bool) -> ForwardFn | None:
-    """The ``forward`` for the Fisher pass: :func:`reversed_forward` when ``logits_reversal``."""
-    return reversed_forward(forward) if logits_reversal else forward
 
 
 def clamped(fisher: Mapping[str, Tensor], max_importance: float | None) -> dict[str, Tensor]:

@@ -108,7 +108,7 @@ class EWC:
             devices, and gradients whose dtype differs from the state's, use the default path.
         logits_reversal: EWC-DR (Liu & Chang 2026): the importance comes from the loss on the
             negated output, ``loss(-f(x), y)``; ``empirical`` and ``batched`` only (see
-            :mod:`ewc._reversal`).
+            :func:`ewc.fisher.fisher_sums` and :mod:`ewc._reversal`).
         max_importance: clamp every entry of each task's Fisher at this value (finite, > 0)
             before the task is folded in, also for :meth:`add_task`; EWC-DR's code uses 1e-4.
 
@@ -223,8 +223,9 @@ class EWC:
                     estimator=self.fisher,
                     mc_samples=self.mc_samples,
                     max_samples=self.max_samples,
-                    forward=_reversal.fisher_forward(forward, self.logits_reversal),
+                    forward=forward,
                     on_batch=on_batch,
+                    logits_reversal=self.logits_reversal,
                 )
             )
         sums = _user_code(lambda: fisher_pass.reduce(sums)) if reduce else fisher_pass.reduce(sums)

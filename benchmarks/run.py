@@ -52,7 +52,15 @@ def _fisher_speed(mode: str, out: Path) -> dict[str, list[Row]]:
         return {}
     if mode == "smoke":  # its smallest configuration is its quick one; too slow for a smoke test
         return {}
-    return {"fisher_speed": list(module.run(quick=mode != "full"))}
+    quick = mode != "full"
+    tables = {"fisher_speed": list(module.run(quick=quick))}
+    for table, rows in (
+        ("fisher_resnet18", "resnet_rows"),
+        ("fisher_vs_backpack", "backpack_rows"),
+    ):
+        if hasattr(module, rows):
+            tables[table] = list(getattr(module, rows)(quick))
+    return tables
 
 
 def _suite(name: str) -> Callable[[str, Path], dict[str, list[Row]]]:

@@ -7,7 +7,9 @@
 Suites: ``penalty`` (penalty cost vs number of tasks, vs Avalanche), ``fisher`` (Fisher cost and
 fidelity vs the brute-force per-example Fisher and Avalanche), ``quality`` (continual-learning
 accuracy on Split/Permuted Digits, after van de Ven 2025), and ``fisher_speed`` (speed ratios vs
-Avalanche, ``benchmarks/fisher_speed.py``, when present).
+Avalanche, ``benchmarks/fisher_speed.py``, when present), ``mnist1d`` (task-incremental Split
+MNIST-1D per estimator on a 1-D CNN) and ``class_incremental`` (exemplar-free class-incremental
+MNIST-1D: EWC, online EWC, EWC-DR, MAS, fine-tuning).
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ from benchmarks._common import Row, format_table, write_csv, write_json  # noqa:
 
 __all__ = ["SUITES", "main"]
 
-SUITES = ("penalty", "fisher", "quality", "fisher_speed")
+SUITES = ("penalty", "fisher", "quality", "fisher_speed", "mnist1d", "class_incremental")
 _MODULES = {
     "penalty": "benchmarks.penalty_cost",
     "fisher": "benchmarks.fisher_fidelity",
     "quality": "benchmarks.cl_quality",
+    "mnist1d": "benchmarks.mnist1d_quality",
+    "class_incremental": "benchmarks.class_incremental",
 }
 
 

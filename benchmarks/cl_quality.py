@@ -144,12 +144,19 @@ def sequential_run(
     epochs: int,
     seed: int,
     max_fraction: float | None = None,
+    make_model: Callable[[], nn.Module] | None = None,
 ) -> dict[str, Any]:
-    """Train on ``tasks`` in order; returns final mean accuracy and consolidation seconds."""
+    """Train on ``tasks`` in order; returns final mean accuracy and consolidation seconds.
+
+    ``make_model`` (called after seeding) replaces the MLPs; a multi-head model takes
+    ``forward(x, task)``.
+    """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    if multi_head:
-        model: nn.Module = MultiHeadMLP(64, HIDDEN, len(tasks), 2)
+    if make_model is not None:
+        model: nn.Module = make_model()
+    elif multi_head:
+        model = MultiHeadMLP(64, HIDDEN, len(tasks), 2)
     else:
         model = mlp([64, PERM_HIDDEN, PERM_HIDDEN, 10])
     criterion = nn.CrossEntropyLoss()

@@ -32,6 +32,15 @@ configs with random weights of GPT-2 (LM head tied to the token embedding, posit
 batches (forward, loss, backward, squared gradients summed; the real plugin wants ``(x, y)``
 tensors, not dict batches), plus the share of parameter entries left on the ``vmap``/``loop``
 paths. Target (issue 13): ``empirical`` within 2x of the batched pass, nothing on the loop.
+:func:`backpack_rows` puts the same estimators beside BackPACK (``backpack-for-pytorch``), the
+per-example peer: ``exact`` against ``DiagGGNExact`` (the GGN of cross-entropy is its Fisher)
+and ``empirical`` against ``SumGradSquared`` / N, both with ``CrossEntropyLoss(reduction="sum")``
+summed over the batches, on the MLP, the small CNN and a ResNet-18-shaped model
+(:mod:`benchmarks._resnet`, 3x32x32 inputs, BackPACK through its ``torch.fx`` converter for the
+residual additions). ``ratio_vs_backpack`` is paired as above; ``max_rel_diff`` is the largest
+``max |ours - theirs| / max |theirs|`` over the parameters. :func:`resnet_rows` times the
+ResNet-18-shaped model's ``empirical``/``exact`` against one batched backward per batch
+(``criterion(model(x), y).backward()`` over the same batches, what any gradient step costs).
 """
 
 from __future__ import annotations
@@ -48,10 +57,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks._avalanche_shim import load_avalanche_ewc_plugin
 from benchmarks._common import Row, format_table, interleaved_times, median_ratio, mlp, small_cnn
+from benchmarks._resnet import ResNet18
 from ewc import EWC
 from ewc._per_sample.rules import RULES
 
-__all__ = ["hugging_face_rows", "run"]
+__all__ = ["backpack_rows", "hugging_face_rows", "resnet_rows", "run"]
 
 EXAMPLES = 2048
 BATCH = 128
@@ -176,6 +186,165 @@ def _measure(quick: bool) -> list[Row]:
                 }
             )
     return rows
+
+
+# ---------------------------------------------------------------------------- BackPACK, ResNet-18
+BACKPACK = {
+    "exact": ("DiagGGNExact", "diag_ggn_exact"),
+    "empirical": ("SumGradSquared", "sum_grad_squared"),
+}
+"""Our estimator -> (BackPACK extension, the attribute it fills on each parameter)."""
+
+
+def _resnet_problem(examples: int) -> tuple[nn.Module, TensorDataset]:
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = ResNet18(CLASSES).eval()
+    x = torch.randn(examples, 3, 32, 32, generator=generator)
+    y = torch.randint(0, CLASSES, (examples,), generator=generator)
+    return model, TensorDataset(x, y)
+
+
+def _ours(
+    model: nn.Module, dataset: TensorDataset, estimator: str, batch: int
+) -> Callable[[], dict[str, torch.Tensor]]:
+    criterion = nn.CrossEntropyLoss()
+
+    def estimate() -> dict[str, torch.Tensor]:
+        reg = EWC(1.0, fisher=estimator)
+        reg.consolidate(model, DataLoader(dataset, batch_size=batch), criterion)
+        return dict(reg.state.importance)  # one task: the importance is that task's Fisher
+
+    return estimate
+
+
+def _backpack(
+    model: nn.Module, dataset: TensorDataset, estimator: str, batch: int, convert: bool
+) -> Callable[[], dict[str, torch.Tensor]]:
+    """BackPACK's diagonal for ``estimator`` on a copy of ``model`` (its hooks stay off ours)."""
+    import copy
+
+    import backpack
+    from backpack import extensions
+
+    extension_name, attribute = BACKPACK[estimator]
+    extension = getattr(extensions, extension_name)
+    copied = copy.deepcopy(model).eval()
+    names = {id(p): name for name, p in copied.named_parameters()}
+    twin = backpack.extend(copied, use_converter=convert)
+    criterion = backpack.extend(nn.CrossEntropyLoss(reduction="sum"))
+    # the converter renames modules but keeps the parameter tensors: match them by identity
+    params = {names[id(p)]: p for p in twin.parameters()}
+
+    def estimate() -> dict[str, torch.Tensor]:
+        sums = {name: torch.zeros_like(p) for name, p in params.items()}
+        for x, y in DataLoader(dataset, batch_size=batch):
+            twin.zero_grad()
+            loss = criterion(twin(x), y)
+            with backpack.backpack(extension()):
+                loss.backward()
+            for name, p in params.items():
+                sums[name] += getattr(p, attribute)
+        return {name: value / len(dataset) for name, value in sums.items()}
+
+    return estimate
+
+
+def _max_rel_diff(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> float:
+    """``max |ours - theirs| / max |theirs|`` over the parameters."""
+    worst = 0.0
+    for name, b in theirs.items():
+        a = ours[name]
+        scale = float(b.abs().max()) or 1.0
+        worst = max(worst, float((a - b.to(a.dtype)).abs().max()) / scale)
+    return worst
+
+
+def backpack_rows(quick: bool = False, *, threads: int | None = None) -> list[Row]:
+    """Rows ``(model, estimator, backpack, seconds, backpack_seconds, ratio_vs_backpack,
+    max_rel_diff)``; ``[]`` with a warning when BackPACK is not installed.
+
+    The ResNet-18-shaped model uses 64 examples in batches of 32 (quick: 32): BackPACK's
+    ``DiagGGNExact`` on it costs about half a second per example on one CPU thread.
+    """
+    try:
+        import backpack  # noqa: F401
+    except ImportError:
+        warnings.warn(
+            "fisher_speed: backpack-for-pytorch is not installed; no BackPACK rows", stacklevel=2
+        )
+        return []
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    rows: list[Row] = []
+    try:
+        for name in ("mlp", "cnn", "resnet18"):
+            if name == "resnet18":
+                model, dataset = _resnet_problem(32 if quick else 64)
+                batch, repeats, convert = 32, 1 if quick else 2, True
+            else:
+                model, dataset = _problem(name, quick)
+                batch, repeats, convert = BATCH, 3 if quick else 5, False
+            model.eval()
+            for estimator, (extension, _) in BACKPACK.items():
+                fns = {
+                    "ours": _ours(model, dataset, estimator, batch),
+                    "backpack": _backpack(model, dataset, estimator, batch, convert),
+                }
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    agreement = _max_rel_diff(fns["ours"](), fns["backpack"]())
+                    times = interleaved_times(fns, repeats=repeats, inner=1, warmup=0)
+                rows.append(
+                    {
+                        "model": name,
+                        "estimator": estimator,
+                        "backpack": extension,
+                        "seconds": statistics.median(times["ours"]),
+                        "backpack_seconds": statistics.median(times["backpack"]),
+                        "ratio_vs_backpack": median_ratio(times["ours"], times["backpack"]),
+                        "max_rel_diff": agreement,
+                    }
+                )
+    finally:
+        torch.set_num_threads(previous)
+    return rows
+
+
+def resnet_rows(quick: bool = False, *, threads: int | None = None) -> list[Row]:
+    """Rows ``(model, method, seconds, ratio_vs_batched_backward)`` for the ResNet-18-shaped
+    model: one batched backward per batch, ``empirical`` and ``exact`` (512 examples, batch 128;
+    quick: 128 examples)."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        model, dataset = _resnet_problem(128 if quick else 512)
+        criterion = nn.CrossEntropyLoss()
+
+        def batched_backward() -> None:
+            for x, y in DataLoader(dataset, batch_size=BATCH):
+                model.zero_grad()
+                criterion(model(x), y).backward()
+
+        fns: dict[str, Callable[[], object]] = {"batched backward": batched_backward}
+        for estimator in ("empirical", "exact"):
+            fns[estimator] = _ours(model, dataset, estimator, BATCH)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            times = interleaved_times(fns, repeats=2 if quick else 3, inner=1)
+        return [
+            {
+                "model": "resnet18",
+                "method": method,
+                "seconds": statistics.median(samples),
+                "ratio_vs_batched_backward": median_ratio(samples, times["batched backward"]),
+            }
+            for method, samples in times.items()
+        ]
+    finally:
+        torch.set_num_threads(previous)
 
 
 # ------------------------------------------------------------------ Hugging Face models
@@ -361,6 +530,20 @@ if __name__ == "__main__":
         print(
             format_table(
                 table, title=f"Fisher cost vs Avalanche compute_importances ({used} threads)"
+            )
+        )
+        print()
+        print(
+            format_table(
+                resnet_rows(arguments.quick, threads=arguments.threads),
+                title=f"ResNet-18-shaped model vs a batched backward ({used} threads)",
+            )
+        )
+        print()
+        print(
+            format_table(
+                backpack_rows(arguments.quick, threads=arguments.threads),
+                title=f"Fisher cost vs BackPACK ({used} threads)",
             )
         )
     hf = hugging_face_rows(quick=arguments.quick, threads=arguments.threads)

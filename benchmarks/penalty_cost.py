@@ -12,12 +12,23 @@ Each method consolidates the same sequence of weights (the model is nudged betwe
 * ``naive``: a per-task loop ``sum_t (F_t * (theta - a_t)^2).sum()`` through autograd.
 
 All use separate mode (one quadratic per task, Avalanche's default). Overheads are the median
-over interleaved repeats of ``(method step time) / (plain step time) - 1``.
+over interleaved repeats of ``(method step time) / (plain step time) - 1``, in percent in every
+table (at the headline task count the sweep row shows the headline's longer measurement).
+
+:func:`floor_rows` (table ``penalty_vs_floor``) times ``penalty_grad_`` alone against the memory
+floor, one multi-tensor pass that reads the gradient, A and theta and writes the gradient (the
+real update must also read m, so nothing that keeps m can be cheaper; a perfect single pass costs
+about 1.25x), at 1 and 2 threads, for the MLP (each timing right after a real forward+backward,
+so caches hold what a training step leaves) and for a transformer-sized parameter list (a
+32000x512 embedding and 8 layers of attention, MLP and norms: 41.6 M parameters in 97 tensors).
+Rows: the default path, ``fused=True``, a plain ``_foreach_sub`` + ``_foreach_addcmul_`` pair,
+and the floor; ``ratio_to_floor`` is the median of paired per-repeat ratios.
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +42,7 @@ from benchmarks._avalanche_shim import load_avalanche_ewc_plugin
 from benchmarks._common import Row, interleaved_times, median_ratio, mlp, progress
 from ewc import EWC
 
-__all__ = ["run"]
+__all__ = ["floor_rows", "run"]
 
 LAMBDA = 100.0
 
@@ -261,8 +272,10 @@ def run(mode: str, out: Path) -> dict[str, list[Row]]:
                     "tasks": tasks,
                     "method": name,
                     "ms_per_step": 1e3 * statistics.median(samples),
-                    "overhead_vs_step": (
-                        0.0 if name == "step" else median_ratio(samples, times["step"]) - 1.0
+                    "overhead_%": (
+                        0.0
+                        if name == "step"
+                        else 100 * (median_ratio(samples, times["step"]) - 1.0)
                     ),
                     "state_MB": (built["memory"][key] / 2**20 if key in built["memory"] else 0.0),
                     "penalty_rel_diff_vs_naive": (
@@ -285,6 +298,11 @@ def run(mode: str, out: Path) -> dict[str, list[Row]]:
                 cheap[FUSED] = fused
             precise = interleaved_times(cheap, repeats=3 * repeats, inner=5)
         del built
+    for r in rows:  # one figure per method and run: the sweep row at the headline count
+        samples = precise.get(r["method"]) if r["tasks"] == headline_at else None
+        if samples and r["method"] != "step":
+            r["ms_per_step"] = 1e3 * statistics.median(samples)
+            r["overhead_%"] = 100 * (median_ratio(samples, precise["step"]) - 1)
     _plot(rows, out / "penalty_cost.png", sizes)
     headline = []
     for r in rows:
@@ -298,7 +316,7 @@ def run(mode: str, out: Path) -> dict[str, list[Row]]:
                 "ms_per_step": 1e3 * statistics.median(samples) if samples else r["ms_per_step"],
                 "overhead_%": 100
                 * (
-                    median_ratio(samples, precise["step"]) - 1 if samples else r["overhead_vs_step"]
+                    median_ratio(samples, precise["step"]) - 1 if samples else r["overhead_%"] / 100
                 ),
                 "repeats": len(samples) if samples else repeats,
                 "target": "<= 8%" if r["method"] == "ewc.penalty_grad_" else "",
@@ -316,10 +334,144 @@ def run(mode: str, out: Path) -> dict[str, list[Row]]:
                     "target": target,
                 }
             )
-    tables = {"penalty_cost": rows, "penalty_overhead_headline": headline}
+    tables = {
+        "penalty_cost": rows,
+        "penalty_overhead_headline": headline,
+        "penalty_vs_floor": floor_rows(mode, notes),
+    }
     if notes:
         tables["penalty_notes"] = [{"note": n} for n in notes]
     return tables
+
+
+FLOOR_CONFIGS = {
+    "full": {"repeats": 15, "mlp": [784, 1000, 1000, 10], "width": 512, "layers": 8},
+    "quick": {"repeats": 5, "mlp": [784, 1000, 1000, 10], "width": 512, "layers": 8},
+    "smoke": {"repeats": 2, "mlp": [20, 16, 4], "width": 8, "layers": 1},
+}
+
+
+class _ParameterList(nn.Module):
+    """A model that is only a parameter list with transformer shapes (only the update's cost
+    matters): embedding ``(32000, d)``, per layer qkv/out projections, a ``4d`` MLP, two norms."""
+
+    def __init__(self, width: int, layers: int) -> None:
+        super().__init__()
+        shapes: list[tuple[int, ...]] = [(32000 if width >= 64 else 100, width)]
+        for _ in range(layers):
+            ff = 4 * width
+            shapes += [(3 * width, width), (3 * width,), (width, width), (width,)]
+            shapes += [(width,), (width,), (ff, width), (ff,), (width, ff), (width,)]
+            shapes += [(width,), (width,)]
+        self.weights = nn.ParameterList(nn.Parameter(torch.randn(s) * 0.02) for s in shapes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        total = sum((w.sum() for w in self.weights), torch.zeros(()))
+        return x * total
+
+
+def _penalty_setups(config: dict[str, Any]) -> dict[str, tuple[nn.Module, EWC, Callable[[], None]]]:
+    """Per model: the model (gradients set), a consolidated EWC, and what precedes each timing."""
+    torch.manual_seed(0)
+    setups: dict[str, tuple[nn.Module, EWC, Callable[[], None]]] = {}
+    sizes = config["mlp"]
+    model = mlp(sizes)
+    x, y = torch.randn(128, sizes[0]), torch.randint(0, sizes[-1], (128,))
+    criterion = nn.CrossEntropyLoss()
+    reg = EWC(LAMBDA, fisher="batched")
+    reg.consolidate(model, [(x, y)], criterion)
+
+    def step(model: nn.Module = model) -> None:
+        model.zero_grad(set_to_none=False)
+        criterion(model(x), y).backward()
+
+    step()  # the gradients exist (and stay the same tensors: zero_grad keeps them)
+    setups["mlp"] = (model, reg, step)
+    big = _ParameterList(config["width"], config["layers"])
+    reg_big = EWC(LAMBDA, fisher="batched")
+    reg_big.consolidate(big, [(torch.ones(2, 1), torch.zeros(2, 1))], nn.MSELoss())
+    for w in big.parameters():
+        w.grad = torch.randn_like(w)
+        w.data.add_(torch.randn_like(w), alpha=0.01)  # away from the anchor
+    setups["transformer list"] = (big, reg_big, lambda: None)
+    return setups
+
+
+def _timed_after(
+    fns: dict[str, Callable[[], object]], before: Callable[[], None], repeats: int
+) -> dict[str, list[float]]:
+    """Seconds of each function alone, each call right after ``before()`` (untimed), round-robin
+    with a rotating order (as :func:`benchmarks._common.interleaved_times`)."""
+    names = list(fns)
+    for name in names:
+        before()
+        fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            before()
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _floor_fns(
+    model: nn.Module, reg: EWC, notes: list[str] | None
+) -> tuple[dict[str, Callable[[], object]], list[Tensor]]:
+    """The timed updates for one model (floor, default, foreach pair, fused) and its weights."""
+    params = dict(model.named_parameters())
+    names = [name for name in params if name in reg.state.importance]
+    grads = [params[name].grad for name in names]
+    weights = [params[name].detach() for name in names]
+    importances = [reg.state.importance[name] for name in names]
+    centres = [reg.state.centre[name] for name in names]
+    fns: dict[str, Callable[[], object]] = {
+        FLOOR: lambda: torch._foreach_addcmul_(grads, importances, weights, value=1e-30),
+        "ewc.penalty_grad_": lambda: reg.penalty_grad_(model),
+        "foreach sub + addcmul_": lambda: torch._foreach_addcmul_(
+            grads, importances, torch._foreach_sub(weights, centres), value=1e-30
+        ),
+    }
+    try:
+        twin = EWC(LAMBDA, fisher="batched", fused=True)
+    except RuntimeError as error:
+        if notes is not None:
+            notes.append(f"{FUSED} not measured: {error}")
+    else:
+        twin.load_state_dict(reg.state_dict())
+        fns[FUSED] = lambda: twin.penalty_grad_(model)
+    return fns, weights
+
+
+def floor_rows(mode: str, notes: list[str] | None = None) -> list[Row]:
+    """The ``penalty_vs_floor`` table: ``penalty_grad_`` alone against the memory floor, at 1 and
+    2 threads, for the MLP and the transformer-sized parameter list (see the module docstring)."""
+    config = FLOOR_CONFIGS[mode]
+    rows: list[Row] = []
+    previous = torch.get_num_threads()
+    try:
+        for model_name, (model, reg, before) in _penalty_setups(config).items():
+            fns, weights = _floor_fns(model, reg, notes)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                times = _timed_after(fns, before, config["repeats"])
+                for method, samples in times.items():
+                    rows.append(
+                        {
+                            "model": model_name,
+                            "params_M": sum(w.numel() for w in weights) / 1e6,
+                            "tensors": len(weights),
+                            "threads": threads,
+                            "method": method,
+                            "ms": 1e3 * statistics.median(samples),
+                            "ratio_to_floor": median_ratio(samples, times[FLOOR]),
+                        }
+                    )
+    finally:
+        torch.set_num_threads(previous)
+    return rows
 
 
 def _plot(rows: list[Row], path: Path, sizes: list[int]) -> None:
@@ -335,7 +487,7 @@ def _plot(rows: list[Row], path: Path, sizes: list[int]) -> None:
         tasks = [r["tasks"] for r in mine]
         style = "--" if method == "naive" else "-"
         # paired ratios are robust to load on a shared machine; absolute times are not
-        left.plot(tasks, [1 + r["overhead_vs_step"] for r in mine], style, marker="o", label=method)
+        left.plot(tasks, [1 + r["overhead_%"] / 100 for r in mine], style, marker="o", label=method)
         if method not in ("step", "ewc.penalty"):  # ewc.penalty shares ewc's state
             label = "ewc" if method == "ewc.penalty_grad_" else method
             right.plot(tasks, [r["state_MB"] for r in mine], style, marker="o", label=label)

@@ -28,7 +28,11 @@ SHOWN: dict[str, tuple[tuple[str, ...], str]] = {
     ),
     "penalty_cost": (
         (),  # pivoted, see _penalty_pivot
-        "Penalty cost vs number of tasks: step time / plain forward+backward, and state size",
+        "Penalty cost vs number of tasks: overhead over a plain forward+backward (%), state size",
+    ),
+    "penalty_vs_floor": (
+        ("model", "params_M", "tensors", "threads", "method", "ms", "ratio_to_floor"),
+        "penalty_grad_ alone against the memory floor (reads g, A, θ; writes g)",
     ),
     "fisher_fidelity": (
         (
@@ -44,6 +48,22 @@ SHOWN: dict[str, tuple[tuple[str, ...], str]] = {
     "fisher_speed": (
         ("model", "estimator", "seconds", "ratio_vs_avalanche"),
         "Fisher speed vs Avalanche (benchmarks/fisher_speed.py)",
+    ),
+    "fisher_resnet18": (
+        ("model", "method", "seconds", "ratio_vs_batched_backward"),
+        "ResNet-18-shaped model (3x32x32) vs a batched backward",
+    ),
+    "fisher_vs_backpack": (
+        (
+            "model",
+            "estimator",
+            "backpack",
+            "seconds",
+            "backpack_seconds",
+            "ratio_vs_backpack",
+            "max_rel_diff",
+        ),
+        "Fisher speed and agreement vs BackPACK",
     ),
     "quality_split_digits": (
         ("method", "best_accuracy_%", "se", "best_lambda", "consolidation_s_per_task"),
@@ -93,7 +113,7 @@ def _penalty_pivot(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]]
         row: dict[str, Any] = {"tasks": tasks}
         for method in methods:
             if method in mine:
-                row[f"{method} ×"] = 1 + mine[method]["overhead_vs_step"]
+                row[f"{method} overhead_%"] = mine[method]["overhead_%"]
         for method in ("ewc.penalty_grad_", "avalanche", "naive"):
             if method in mine:
                 row[f"{method.split('.')[0]} MiB"] = mine[method]["state_MB"]

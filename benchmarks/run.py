@@ -7,7 +7,9 @@
 Suites: ``penalty`` (penalty cost vs number of tasks, vs Avalanche), ``fisher`` (Fisher cost and
 fidelity vs the brute-force per-example Fisher and Avalanche), ``quality`` (continual-learning
 accuracy on Split/Permuted Digits, after van de Ven 2025), and ``fisher_speed`` (speed ratios vs
-Avalanche, ``benchmarks/fisher_speed.py``, when present).
+Avalanche, ``benchmarks/fisher_speed.py``, when present), ``mnist1d`` (task-incremental Split
+MNIST-1D per estimator on a 1-D CNN) and ``class_incremental`` (exemplar-free class-incremental
+MNIST-1D: EWC, online EWC, EWC-DR, MAS, fine-tuning).
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ from benchmarks._common import Row, format_table, write_csv, write_json  # noqa:
 
 __all__ = ["SUITES", "main"]
 
-SUITES = ("penalty", "fisher", "quality", "fisher_speed")
+SUITES = ("penalty", "fisher", "quality", "fisher_speed", "mnist1d", "class_incremental")
 _MODULES = {
     "penalty": "benchmarks.penalty_cost",
     "fisher": "benchmarks.fisher_fidelity",
     "quality": "benchmarks.cl_quality",
+    "mnist1d": "benchmarks.mnist1d_quality",
+    "class_incremental": "benchmarks.class_incremental",
 }
 
 
@@ -48,7 +52,15 @@ def _fisher_speed(mode: str, out: Path) -> dict[str, list[Row]]:
         return {}
     if mode == "smoke":  # its smallest configuration is its quick one; too slow for a smoke test
         return {}
-    return {"fisher_speed": list(module.run(quick=mode != "full"))}
+    quick = mode != "full"
+    tables = {"fisher_speed": list(module.run(quick=quick))}
+    for table, rows in (
+        ("fisher_resnet18", "resnet_rows"),
+        ("fisher_vs_backpack", "backpack_rows"),
+    ):
+        if hasattr(module, rows):
+            tables[table] = list(getattr(module, rows)(quick))
+    return tables
 
 
 def _suite(name: str) -> Callable[[str, Path], dict[str, list[Row]]]:

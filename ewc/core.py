@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from ewc import _reversal
 from ewc import distributed as _distributed
 from ewc import fisher as fisher_lib
 from ewc._fused import FusedKernel, fused_kernel
@@ -105,6 +106,11 @@ class EWC:
             loader (about 20 s the first time on a machine, then cached on disk), so it needs a
             C++ compiler and ninja; a RuntimeError says so when the build fails. Other
             devices, and gradients whose dtype differs from the state's, use the default path.
+        logits_reversal: EWC-DR (Liu & Chang 2026): the importance comes from the loss on the
+            negated output, ``loss(-f(x), y)``; ``empirical`` and ``batched`` only (see
+            :func:`ewc.fisher.fisher_sums` and :mod:`ewc._reversal`).
+        max_importance: clamp every entry of each task's Fisher at this value (finite, > 0)
+            before the task is folded in, also for :meth:`add_task`; EWC-DR's code uses 1e-4.
 
     Example:
         >>> import torch
@@ -131,6 +137,8 @@ class EWC:
         params: ParamSelector = None,
         process_group: Any = None,
         fused: bool = False,
+        logits_reversal: bool = False,
+        max_importance: float | None = None,
     ) -> None:
         self.ewc_lambda = _check_lambda(ewc_lambda)
         self.mode, self.decay_factor = _check_mode(mode, decay_factor)
@@ -146,6 +154,8 @@ class EWC:
             None if max_samples is None else _check_positive_int(max_samples, "max_samples")
         )
         self.params = _check_selector(params)
+        self.logits_reversal = _reversal.check_logits_reversal(logits_reversal, fisher)
+        self.max_importance = _reversal.check_max_importance(max_importance)
         self.process_group = process_group
         self.fused = _check_bool(fused, "fused")
         # built now, so a machine without a compiler fails here rather than mid-training
@@ -215,10 +225,12 @@ class EWC:
                     max_samples=self.max_samples,
                     forward=forward,
                     on_batch=on_batch,
+                    logits_reversal=self.logits_reversal,
                 )
             )
         sums = _user_code(lambda: fisher_pass.reduce(sums)) if reduce else fisher_pass.reduce(sums)
         fisher, anchor = _task_from(sums, params, reduced=reduce is not None)
+        fisher = _reversal.clamped(fisher, self.max_importance)
         report = ConsolidationReport(
             examples=sums.examples,
             batches=sums.batches,
@@ -286,7 +298,8 @@ class EWC:
                 tensor is sparse, on the meta device or complex; the state is unchanged.
             ParameterMismatchError: a consolidated parameter shrank or changed rank.
         """
-        self._add_task(*task_copies(fisher, anchor))
+        fisher_copy, anchor_copy = task_copies(fisher, anchor)
+        self._add_task(_reversal.clamped(fisher_copy, self.max_importance), anchor_copy)
 
     def _add_task(self, fisher: Mapping[str, Tensor], anchor: Mapping[str, Tensor]) -> None:
         """Fold a checked ``(F, a)`` that this object owns (no copies) into a new state."""

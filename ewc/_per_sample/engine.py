@@ -591,6 +591,8 @@ def _output_grads(
         )
         for signal in signals
     ]
+    if len(per_signal) == 1:  # one signal (empirical): a view, not a stacked copy
+        return tuple(None if grad is None else grad.unsqueeze(0) for grad in per_signal[0])
     return tuple(None if grads[0] is None else torch.stack(grads) for grads in zip(*per_signal))
 
 

@@ -68,6 +68,8 @@ class EWCPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         mc_samples: labels drawn per example for ``fisher="sample"``.
         max_samples: estimate the Fisher on the first ``max_samples`` examples only.
         params: which parameters to regularise (see :class:`ewc.EWC`).
+        logits_reversal: EWC-DR's importance from the loss on -logits (``empirical``/``batched``).
+        max_importance: clamp each experience's importance at this value (EWC-DR's code: 1e-4).
 
     Example:
         >>> from ewc.adapters.avalanche import EWCPlugin
@@ -87,6 +89,8 @@ class EWCPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
         mc_samples: int = 1,
         max_samples: int | None = None,
         params: ParamSelector = None,
+        logits_reversal: bool = False,
+        max_importance: float | None = None,
     ) -> None:
         super().__init__()
         self.reg = EWC(
@@ -98,6 +102,8 @@ class EWCPlugin(SupervisedPlugin, supports_distributed=True):  # type: ignore[ca
             mc_samples=mc_samples,
             max_samples=max_samples,
             params=params,
+            logits_reversal=logits_reversal,
+            max_importance=max_importance,
         )
         self.last_report: ConsolidationReport | None = None
         """What the latest importance computation did (examples, batches, seconds, paths)."""

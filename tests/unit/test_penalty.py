@@ -340,7 +340,8 @@ def test_blocked_quadratic_equals_the_penalty_sum(block):
 
 # ---------------------------------------------------------------- random models, every engine path
 class ScaledInput(nn.Module):
-    """``fc(tanh(x * scale))``: a raw parameter used in forward (its Fisher takes ``vmap``)."""
+    """``fc(tanh(x * scale))``: a raw parameter used in forward (the per-layer ``torch.func``
+    step takes it)."""
 
     def __init__(self, features: int, classes: int) -> None:
         super().__init__()
@@ -349,6 +350,17 @@ class ScaledInput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.tanh(x * self.scale))
+
+
+class WeightOutside(nn.Module):
+    """``fc.weight`` also used outside ``fc``'s call: only the whole-model ``vmap`` takes it."""
+
+    def __init__(self, features: int, classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(features, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + torch.tanh(nn.functional.linear(x.square(), self.fc.weight))
 
 
 class BufferWriting(ScaledInput):
@@ -366,8 +378,10 @@ class BufferWriting(ScaledInput):
 def random_model(path: str, features: int, hidden: int, classes: int) -> nn.Module:
     if path == "rule":
         return nn.Sequential(nn.Linear(features, hidden), nn.Tanh(), nn.Linear(hidden, classes))
-    if path == "vmap":
+    if path == "layer":
         return ScaledInput(features, classes)
+    if path == "vmap":
+        return WeightOutside(features, classes)
     return BufferWriting(features, classes)
 
 
@@ -386,7 +400,8 @@ def naive_penalty(model: nn.Module, history, lam: float, mode: str, decay: float
     return lam * total
 
 
-@pytest.mark.parametrize("path", ["rule", "vmap", "loop"])
+@pytest.mark.filterwarnings("ignore::ewc.FallbackWarning")  # the vmap and loop cases
+@pytest.mark.parametrize("path", ["rule", "layer", "vmap", "loop"])
 @settings(max_examples=12, deadline=None)
 @given(
     features=st.integers(1, 4),

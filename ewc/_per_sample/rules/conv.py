@@ -1,16 +1,36 @@
-"""Rule for ``nn.Conv1d``/``nn.Conv2d``/``nn.Conv3d`` via unfold (im2col).
+"""Rule for ``nn.Conv1d``/``nn.Conv2d``/``nn.Conv3d``: per-example squared weight gradients.
 
-Unfolding the (padded) input of example ``n`` gives columns ``X_n: (G, C/G * prod(k), L)`` over
-the ``L`` output positions, so the per-example weight gradient of signal ``k`` for group ``j`` is
-``g_knj @ X_nj^T`` with ``g_knj: (O/G, L)``. There is no closed form for the sum of squares of a
-sum over positions, so per-example gradients are built with one batched matmul per chunk of
-examples and signals, squared and summed:
+Unfolding the (padded) input of example ``n`` gives columns ``X_n: (G, R, L)`` with
+``R = C/G * prod(kernel)`` rows per group and ``L`` output positions; with output gradients
+``g_kn: (G, O/G, L)`` of signal ``k``, the per-example weight gradient of group ``j`` is
+``dW_knj = g_knj @ X_nj^T``. There is no closed form for the square of a sum over positions, so
+the rule picks, per call, the cheaper of two exact ways of computing
+``sum_k sum_n dW_kn * dW_kn``:
 
-    sum_k sum_n (dW_kn)^2 = sum_k sum_n (g_kn @ X_n^T)^2      (chunked; budget-bounded)
-    sum_k sum_n (db_kn)^2 = sum_k sum_n (sum_l g_knl)^2
+* ``"gram"`` (few positions): expanding the square over pairs of positions,
 
-Cost: ``K n O (C/G) prod(k) L`` multiply-adds (``K`` times one ordinary weight gradient); memory
-``chunk * (C prod(k) L + K O (C/G) prod(k))`` elements, with the chunk sized to the budget.
+      sum_k sum_n dW_kn[o, r]^2 = sum_n sum_{l <= l'} c_ll' M_n[o, (l, l')] X_n[r, l] X_n[r, l']
+      M_n[o, (l, l')] = sum_k g_kn[o, l] g_kn[o, l'],     c_ll' = 1 if l == l' else 2
+
+  which is one matmul ``(O, n P) @ (n P, R)`` with ``P = L (L + 1) / 2`` pairs, whatever the
+  number of signals ``K``, and no per-example gradient is ever built. For ``L == 1`` (the last
+  stage of a ResNet on CIFAR-size inputs) this costs one ordinary weight gradient.
+* ``"examples"`` (many positions): per-example gradients ``g_kn @ X_n^T`` from one batched matmul
+  per chunk of examples and signals, squared and summed. The chunk is sized to stay in the
+  last-level cache (:data:`CACHE_BYTES`) and within the memory budget, so the squares are summed
+  while the gradients are still in cache.
+
+Cost: ``"gram"`` ``n P O R`` multiply-adds (plus ``K n O P`` elementwise); ``"examples"``
+``K n L O R`` multiply-adds plus a pass over ``K n O R`` per-example entries. The rule takes
+``"gram"`` when ``P <= GRAM_WEIGHT * K ** SIGNAL_EXPONENT * (L + EXAMPLE_OVERHEAD)`` (constants
+measured on CPU, one thread: with one signal it picks ``"gram"`` up to ``L = 5``, with ten up to
+``L = 15``). Memory: chunks of examples bounded by ``memory_budget_bytes``.
+
+Rounding: ``"gram"`` sums ``L (L + 1) / 2`` signed products where ``"examples"`` squares one
+sum, so its relative error per entry is at most about ``L`` units of rounding times
+``sum_l |g_l x_l|^2 / (sum_l g_l x_l)^2``; the result is clamped at 0 so rounding can never
+yield a negative importance.
+
 Padding modes (``zeros``, ``reflect``, ``replicate``, ``circular``), string padding (``"same"``,
 ``"valid"``), stride, dilation and groups follow the module's own forward.
 """
@@ -19,8 +39,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection
-from typing import cast
+from typing import Literal, cast
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -32,9 +53,36 @@ from ewc._per_sample.rules.registry import (
 )
 from ewc._typing import TensorDict
 
-__all__ = ["conv_padding", "conv_rule", "unfold_input"]
+__all__ = [
+    "CACHE_BYTES",
+    "EXAMPLE_OVERHEAD",
+    "GRAM_WEIGHT",
+    "SIGNAL_EXPONENT",
+    "conv_padding",
+    "conv_rule",
+    "conv_weight_squared_sums",
+    "unfold_input",
+]
 
 _Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
+Method = Literal["gram", "examples"]
+
+CACHE_BYTES = 4 * 2**20
+"""Target size (bytes) of one chunk of per-example gradients on the ``"examples"`` path: small
+enough to be squared and summed while still in the last-level cache, large enough that the
+per-chunk dispatch cost stays small."""
+
+GRAM_WEIGHT = 0.6
+"""Cost of the ``"examples"`` path per signal and position, in units of one position pair on the
+``"gram"`` path, for one signal; it grows as ``K ** SIGNAL_EXPONENT`` with ``K`` signals (the
+per-example matmuls get ``K`` times more rows and run faster per row)."""
+
+SIGNAL_EXPONENT = 0.7
+
+EXAMPLE_OVERHEAD = 25
+"""Cost of writing, squaring and summing one per-example gradient entry on the ``"examples"``
+path, in units of one multiply-add per position of its matmul (a short inner dimension ``L``
+makes the batched matmul memory-bound)."""
 
 
 def _supports(module: nn.Module, inputs: tuple[Tensor, ...], batch_size: int) -> bool:
@@ -56,8 +104,9 @@ def conv_padding(conv: _Conv) -> list[int]:
     return pad
 
 
-def unfold_input(conv: _Conv, x: Tensor) -> Tensor:
-    """Columns ``(n, C * prod(kernel), L)`` of ``x`` as the module's forward sees them."""
+def unfold_input(conv: _Conv, x: Tensor, *, positions_first: bool = False) -> Tensor:
+    """Columns ``(n, C * prod(kernel), L)`` of ``x`` as the module's forward sees them, or with
+    ``positions_first`` the same columns laid out ``(L, n, C * prod(kernel))``. One copy."""
     kernel, stride, dilation = tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation)
     pad = conv_padding(conv)
     if any(pad):
@@ -70,9 +119,13 @@ def unfold_input(conv: _Conv, x: Tensor) -> Tensor:
     for i, step in enumerate(dilation):  # keep every dilation-th element of each window
         if step > 1:
             x = x[(slice(None),) * (2 + spatial + i) + (slice(None, None, step),)]
+    window = [1, *range(2 + spatial, 2 + 2 * spatial)]  # C, k_1..k_s
+    out_positions = list(range(2, 2 + spatial))  # O_1..O_s
+    rows = channels * math.prod(kernel)
+    if positions_first:  # (O_1..O_s, n, C, k_1..k_s)
+        return x.permute([*out_positions, 0, *window]).reshape(-1, n, rows)
     # (n, C, O_1..O_s, k_1..k_s) -> (n, C, k_1..k_s, O_1..O_s)
-    order = [0, 1, *range(2 + spatial, 2 + 2 * spatial), *range(2, 2 + spatial)]
-    return x.permute(order).reshape(n, channels * math.prod(kernel), -1)
+    return x.permute([0, *window, *out_positions]).reshape(n, rows, -1)
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, supports=_supports)
@@ -90,42 +143,133 @@ def conv_rule(
         inputs: ``(x,)`` with ``x: (n, C, *spatial)``.
         grad_outputs: ``(K, n, O, *out_spatial)``.
         names: the local parameter names wanted.
-        memory_budget_bytes: bound on unfolded inputs plus per-example gradients of one chunk.
+        memory_budget_bytes: bound on the unfolded inputs and per-example gradients (or position
+            pairs) of one chunk of examples.
 
     Returns:
         ``{"weight": (O, C/G, *kernel), "bias": (O,)}`` restricted to ``names``.
     """
     conv = cast(_Conv, module)
-    weight = conv.weight
-    dtype = accumulator_dtype(weight.dtype)
-    groups = conv.groups
+    dtype = accumulator_dtype(conv.weight.dtype)
     count, examples, outputs = (int(s) for s in grad_outputs.shape[:3])
-    g = grad_outputs.to(dtype).reshape(count, examples, groups, outputs // groups, -1)
+    g = grad_outputs.to(dtype).reshape(count, examples, outputs, -1)
     result: TensorDict = {}
     if "bias" in names:
-        result["bias"] = g.sum(-1).square().sum((0, 1)).reshape(outputs)
-    if "weight" not in names:
-        return result
-    x = inputs[0].to(dtype)
-    positions = g.shape[-1]
-    row = weight[0].numel()  # (C/G) * prod(kernel)
+        result["bias"] = g.sum(-1).square().sum((0, 1))
+    if "weight" in names:
+        result["weight"] = conv_weight_squared_sums(
+            conv, inputs[0].to(dtype), g, memory_budget_bytes
+        )
+    return result
+
+
+def conv_weight_squared_sums(
+    conv: _Conv,
+    x: Tensor,
+    g: Tensor,
+    memory_budget_bytes: int,
+    *,
+    method: Method | None = None,
+) -> Tensor:
+    """``sum_k sum_n dW_kn * dW_kn`` of shape ``conv.weight.shape``.
+
+    Args:
+        conv: the convolution (its geometry; its weight is not read).
+        x: the input ``(n, C, *spatial)`` in the accumulator dtype.
+        g: output gradients ``(K, n, O, L)`` in the same dtype.
+        memory_budget_bytes: bound on what one chunk materialises.
+        method: ``"gram"`` or ``"examples"`` (module docstring); default: the cheaper by the
+            cost model.
+    """
+    count, positions = int(g.shape[0]), int(g.shape[-1])
+    groups = conv.groups
+    row = conv.weight[0].numel()  # (C/G) * prod(kernel)
+    pairs = positions * (positions + 1) // 2
+    if method is None:
+        examples_cost = GRAM_WEIGHT * count**SIGNAL_EXPONENT * (positions + EXAMPLE_OVERHEAD)
+        cheaper = pairs <= examples_cost
+        method = "gram" if cheaper else "examples"
+    if method == "gram":
+        total = _by_gram(conv, x, g, groups, row, memory_budget_bytes).clamp_min_(0.0)
+    elif method == "examples":
+        total = _by_examples(conv, x, g, groups, row, memory_budget_bytes)
+    else:
+        raise ValueError(
+            f"Expected argument `method` to be 'gram' or 'examples' but got {method!r}"
+        )
+    return total.reshape(conv.weight.shape)
+
+
+def _by_gram(
+    conv: _Conv, x: Tensor, g: Tensor, groups: int, row: int, memory_budget_bytes: int
+) -> Tensor:
+    """The ``"gram"`` path: one ``(O/G, P c) @ (P c, R)`` matmul per group and chunk."""
+    count, examples, outputs, positions = (int(s) for s in g.shape)
+    per_group = outputs // groups
+    pairs = positions * (positions + 1) // 2
     item = x.element_size()
-    grads_bytes = outputs * row * item
-    k_chunk = chunk_size(count, grads_bytes, memory_budget_bytes)
-    n_chunk = chunk_size(
-        examples, k_chunk * grads_bytes + groups * row * positions * item, memory_budget_bytes
-    )
-    total = x.new_zeros(groups, outputs // groups, row)
+    # per example: columns (L G R) and their pair products (P G R); signal products (K P O)
+    per_example = (positions + pairs) * row * groups + (count + 1) * pairs * outputs
+    n_chunk = chunk_size(examples, per_example * item, memory_budget_bytes)
+    total = x.new_zeros(groups, per_group, row)
     for n0 in range(0, examples, n_chunk):
-        cols = unfold_input(conv, x[n0 : n0 + n_chunk])
+        cols = unfold_input(conv, x[n0 : n0 + n_chunk], positions_first=True)  # (L, c, G R)
+        c = cols.shape[1]
+        products = _pair_products(cols, 1.0)  # (P, c, G R)
+        gs = g[:, n0 : n0 + n_chunk]  # (K, c, O, L)
+        # signals last, so that summing them over pairs is a reduction of the last dimension
+        signals = gs[0].permute(2, 0, 1) if count == 1 else gs.permute(3, 1, 2, 0)
+        signal_products = _pair_products(signals, 2.0)  # (P, c, O)
+        lhs = signal_products.view(pairs * c, groups, per_group).permute(1, 2, 0)  # (G, O/G, Pc)
+        rhs = products.view(pairs * c, groups, row).transpose(0, 1)  # (G, P c, R)
+        total.baddbmm_(lhs, rhs)
+    return total
+
+
+def _pair_products(values: Tensor, off_diagonal: float) -> Tensor:
+    """``out[(l, l')] = c_ll' * values[l] * values[l']`` for ``l <= l'`` (row-major pairs), with
+    ``c = off_diagonal`` off the diagonal; a trailing dimension (signals) beyond the first
+    ``values[l]`` shape is summed. One multiply per position: no index gathers."""
+    positions = values.shape[0]
+    summed = values.dim() == 4  # (L, c, O, K)
+    shape = values.shape[1:3] if summed else values.shape[1:]
+    out = values.new_empty(positions * (positions + 1) // 2, *shape)
+    start = 0
+    for first in range(positions):
+        span = positions - first
+        block = out[start : start + span]
+        if summed:
+            torch.sum(values[first : first + 1] * values[first:], dim=-1, out=block)
+        else:
+            torch.mul(values[first : first + 1], values[first:], out=block)
+        if span > 1 and off_diagonal != 1.0:
+            block[1:].mul_(off_diagonal)
+        start += span
+    return out
+
+
+def _by_examples(
+    conv: _Conv, x: Tensor, g: Tensor, groups: int, row: int, memory_budget_bytes: int
+) -> Tensor:
+    """The ``"examples"`` path: per-example gradients in cache-sized chunks, squared, summed."""
+    count, examples, outputs, positions = (int(s) for s in g.shape)
+    per_group = outputs // groups
+    g = g.view(count, examples, groups, per_group, positions)
+    item = x.element_size()
+    grads_bytes = outputs * row * item  # one example's (or signal's) weight gradient
+    budget = min(memory_budget_bytes, max(CACHE_BYTES, grads_bytes))
+    k_chunk = chunk_size(count, grads_bytes, budget)
+    n_chunk = chunk_size(examples, k_chunk * grads_bytes + groups * row * positions * item, budget)
+    total = x.new_zeros(groups, per_group, row)
+    for n0 in range(0, examples, n_chunk):
+        cols = unfold_input(conv, x[n0 : n0 + n_chunk])  # (c, G R, L)
         c = cols.shape[0]
-        cols_t = cols.reshape(c, groups, row, positions).transpose(-1, -2)  # (c, G, L, row)
+        cols_t = cols.view(c, groups, row, positions).transpose(-1, -2)  # (c, G, L, R), a view
         for k0 in range(0, count, k_chunk):
             gs = g[k0 : k0 + k_chunk, n0 : n0 + n_chunk]  # (kc, c, G, O/G, L)
             kc = gs.shape[0]
-            lhs = gs.permute(1, 2, 0, 3, 4).reshape(c, groups, kc * (outputs // groups), positions)
-            per_example = lhs @ cols_t  # (c, G, kc*O/G, row)
-            squares = per_example.square_().reshape(c, groups, kc, outputs // groups, row)
+            lhs = gs.permute(1, 2, 0, 3, 4).reshape(c, groups, kc * per_group, positions)
+            grads = lhs @ cols_t  # (c, G, kc O/G, R)
+            squares = grads.square_().view(c, groups, kc, per_group, row)
             total += squares.sum((0, 2))
-    result["weight"] = total.reshape(weight.shape)
-    return result
+    return total

@@ -1,7 +1,7 @@
 """Run every benchmark suite: print tables, write plots (PNG), JSON and CSV results.
 
     python benchmarks/run.py            # full run (the README's numbers)
-    python benchmarks/run.py --quick    # under 5 minutes on 2 CPU cores
+    python benchmarks/run.py --quick    # about 4 minutes on 2 CPU cores
     python benchmarks/run.py --quick --out /tmp/bench --suites penalty,quality
 
 Suites: ``penalty`` (penalty cost vs number of tasks, vs Avalanche), ``fisher`` (Fisher cost and

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeVar, Union
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +16,7 @@ __all__ = [
     "Mode",
     "ParamSelector",
     "TensorDict",
+    "present",
 ]
 
 TensorDict = dict[str, Tensor]
@@ -35,3 +36,16 @@ FisherEstimator = Literal["exact", "sample", "empirical", "batched"]
 
 ParamSelector = Union[None, Iterable[str], Callable[[str, torch.nn.Parameter], bool]]  # noqa: UP007
 """Which parameters to regularise: all trainable ones, named ones, or those a predicate keeps."""
+
+
+_T = TypeVar("_T")
+
+
+def present(value: _T | None, what: str) -> _T:
+    """``value``, which an internal invariant guarantees is not None.
+
+    A ``RuntimeError`` naming ``what`` if it is (a bug in ewc, not a user error); unlike
+    ``assert``, the check survives ``python -O``."""
+    if value is None:
+        raise RuntimeError(f"ewc internal error: {what} is None; please report this")
+    return value

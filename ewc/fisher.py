@@ -58,7 +58,7 @@ from ewc._per_sample import squared_grad_sums
 from ewc._per_sample.batching import UncuttableBatchError, batch_size_of, first_examples
 from ewc._per_sample.engine import DEFAULT_MEMORY_BUDGET_BYTES, SquaredGradSums
 from ewc._per_sample.report import warn_fallbacks
-from ewc._typing import Batch, Criterion, ForwardFn, TensorDict
+from ewc._typing import Batch, Criterion, ForwardFn, TensorDict, present
 from ewc.errors import ConsolidationError, UnsupportedCriterionError
 from ewc.likelihoods import LazySignals, Likelihood, likelihood_for, registered_criteria
 
@@ -462,11 +462,11 @@ def _signal_maker(
                     "`forward` returning (output, target)"
                 )
             return per_example_loss_grads(criterion, output, target).unsqueeze(0)
-        assert likelihood is not None  # checked by fisher_sums
+        known = present(likelihood, "the likelihood checked by fisher_sums")
         if estimator == "exact":
-            _check_signal_count(likelihood.exact_signal_count(output, target), output)
-            return likelihood.exact_signals(output, target)
-        return likelihood.sample_signals(output, target, mc_samples)
+            _check_signal_count(known.exact_signal_count(output, target), output)
+            return known.exact_signals(output, target)
+        return known.sample_signals(output, target, mc_samples)
 
     return make
 

@@ -37,6 +37,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
 from ewc._per_sample.rules.registry import LayerRule, rule_for
+from ewc._typing import present
 
 __all__ = [
     "Call",
@@ -244,8 +245,8 @@ class Capture:
             # frozen weights and an input without grad: a leaf gives the signals a target
             tensor = tensor.detach().requires_grad_(True)
         if may_expand and self.expand and tensor.shape[0] == 1:
-            assert self.batch_size is not None
-            tensor = tensor.expand(self.batch_size, *tensor.shape[1:])
+            batch_size = present(self.batch_size, "the batch size of an expanded input")
+            tensor = tensor.expand(batch_size, *tensor.shape[1:])
             self.expanded = True
         return tensor
 

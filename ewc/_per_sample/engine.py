@@ -56,7 +56,7 @@ from ewc._per_sample.fallback import RunModel, loop_sums, vmap_sums
 from ewc._per_sample.layerwise import LayerStepError, layer_per_example
 from ewc._per_sample.rules.registry import accumulator_dtype, chunk_size
 from ewc._per_sample.signals import SignalSource, as_source
-from ewc._typing import TensorDict
+from ewc._typing import TensorDict, present
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET_BYTES",
@@ -356,13 +356,11 @@ def _plan(
             candidate, local, call = uses[0]
             entry = square.setdefault(id(call), (candidate, call, {}))
             entry[2][local] = name
-            assert candidate.rule is not None
-            paths[name] = candidate.rule.path
+            paths[name] = present(candidate.rule, "a covered module's rule").path
             continue
         labels = []
         for candidate, local, call in uses:
-            mode = status[id(call)]
-            assert mode is not None
+            mode = present(status[id(call)], "the mode of a resolved call")
             if mode == "rule" and (candidate.rule is None or candidate.rule.per_example is None):
                 mode = "layer"  # no per-example gradients from the rule: the per-layer step
             use = shared.setdefault(id(call), _Use(candidate, call, mode))
@@ -404,8 +402,7 @@ def _call_mode(
 def _rule_rejection(
     candidate: Candidate, call: Call, examples: int, model_output: Tensor
 ) -> str | None:
-    rule = candidate.rule
-    assert rule is not None
+    rule = present(candidate.rule, "a candidate's rule")
     if call.unbound:
         return "the rule does not take this call's arguments (keyword arguments?)"
     if len(call.leaves) != 1 or call.leaf_index != [0]:
@@ -463,8 +460,7 @@ def _accumulate(
                 grad = grads[index[id(call.leaves[0])]]
                 if grad is None:
                     continue
-                assert candidate.rule is not None
-                terms = candidate.rule.compute(
+                terms = present(candidate.rule, "a covered module's rule").compute(
                     candidate.module, call.inputs, grad, names.keys(), memory_budget_bytes
                 )
                 for local, name in names.items():
@@ -546,8 +542,7 @@ def _use_per_example(
     candidate, call = use.candidate, use.call
     rule = candidate.rule
     if use.mode == "rule" and rule is not None and rule.per_example is not None:
-        grad = grads[0]
-        assert grad is not None
+        grad = present(grads[0], "the output gradient of a rule-path use")
         inputs = tuple(
             x[start:stop]
             if isinstance(x, Tensor) and x.dim() >= 1 and x.shape[0] == examples

@@ -61,7 +61,7 @@ from benchmarks._resnet import ResNet18
 from ewc import EWC
 from ewc._per_sample.rules import RULES
 
-__all__ = ["backpack_rows", "hugging_face_rows", "resnet_rows", "run"]
+__all__ = ["backpack_rows", "floor_rows", "hugging_face_rows", "resnet_rows", "run"]
 
 EXAMPLES = 2048
 BATCH = 128
@@ -347,6 +347,106 @@ def resnet_rows(quick: bool = False, *, threads: int | None = None) -> list[Row]
         torch.set_num_threads(previous)
 
 
+# ------------------------------------------------------------------------- compute floors
+FLOOR_CASES = (("mlp", "empirical"), ("cnn", "exact"))
+"""The two targets of issue 16 the floor rows test: the Linear rule's ``empirical`` on the MLP
+(aim 0.6x Avalanche) and ``exact`` on the small CNN (at most 4x)."""
+
+
+class _LayerOutputs:
+    """Forward hooks keeping the inputs and outputs of every ``nn.Linear``/``nn.Conv2d``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        self.inputs: list[Tensor] = []
+        self.outputs: list[Tensor] = []
+        self.handles = [layer.register_forward_hook(self._keep) for layer in self.layers]
+
+    def _keep(self, module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+        self.inputs.append(args[0].detach())
+        self.outputs.append(output)
+
+    def clear(self) -> None:
+        self.inputs.clear()
+        self.outputs.clear()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _floor(model: nn.Module, dataset: TensorDataset, signals: int) -> Callable[[], None]:
+    """The work any per-example rule path must do, with nothing else: per batch one forward,
+    ``signals`` backward passes to the layers' outputs (no weight-gradient kernels), and per
+    layer the one matmul of its closed form -- ``(sum_k g_k^2)^T (x^2)`` for a Linear layer,
+    the per-example ``(K O, L) @ (L, R)`` product for a convolution, on a buffer already in the
+    layout it needs. No squares of per-example gradients, no sums, no copies: a lower bound."""
+    from ewc._per_sample.rules.conv import unfold_input
+
+    hooks = _LayerOutputs(model)
+    weights = torch.randn(signals, BATCH, CLASSES)  # the values do not change the cost
+    stacked: dict[int, Tensor] = {}
+
+    def run() -> None:
+        for x, _ in DataLoader(dataset, batch_size=BATCH):
+            hooks.clear()
+            output = model(x)
+            for k in range(signals):
+                grads = torch.autograd.grad(
+                    output, hooks.outputs, weights[k, : x.shape[0]], retain_graph=True
+                )
+            for i, (layer, inputs, grad) in enumerate(zip(hooks.layers, hooks.inputs, grads)):
+                if isinstance(layer, nn.Linear):
+                    torch.mm(grad.square().t(), inputs.square())
+                    continue
+                cols = unfold_input(layer, inputs).transpose(1, 2)  # (n, L, R)
+                n, out_channels = grad.shape[0], grad.shape[1]
+                if i not in stacked or stacked[i].shape[0] != n:
+                    stacked[i] = torch.randn(n, signals * out_channels, cols.shape[1])
+                torch.bmm(stacked[i], cols)
+
+    return run
+
+
+def floor_rows(quick: bool = False, *, threads: int | None = None) -> list[Row]:
+    """Rows ``(model, estimator, method, seconds, ratio_vs_avalanche)``: ours, Avalanche's
+    ``compute_importances`` and the compute floor of :func:`_floor`, side by side, for
+    :data:`FLOOR_CASES` (``exact``: ``C - 1 = 9`` signals). A target below the floor's ratio
+    cannot be met by any rule path on this machine."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    rows: list[Row] = []
+    try:
+        for name, estimator in FLOOR_CASES:
+            model, dataset = _problem(name, quick)
+            model.eval()
+            baseline = _avalanche(model, dataset)
+            if baseline is None:
+                continue
+            fns: dict[str, Callable[[], object]] = {
+                "ewc": _consolidator(model, dataset, estimator),
+                "floor": _floor(model, dataset, 1 if estimator == "empirical" else CLASSES - 1),
+                "avalanche": baseline,
+            }
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                times = interleaved_times(fns, repeats=3 if quick else 7, inner=1)
+            for method, samples in times.items():
+                rows.append(
+                    {
+                        "model": name,
+                        "estimator": estimator,
+                        "method": method,
+                        "seconds": statistics.median(samples),
+                        "ratio_vs_avalanche": median_ratio(samples, times["avalanche"]),
+                    }
+                )
+    finally:
+        torch.set_num_threads(previous)
+    return rows
+
+
 # ------------------------------------------------------------------ Hugging Face models
 HF_VOCAB, HF_LENGTH, HF_BATCH = 1000, 32, 16
 
@@ -544,6 +644,13 @@ if __name__ == "__main__":
             format_table(
                 backpack_rows(arguments.quick, threads=arguments.threads),
                 title=f"Fisher cost vs BackPACK ({used} threads)",
+            )
+        )
+        print()
+        print(
+            format_table(
+                floor_rows(arguments.quick, threads=arguments.threads),
+                title=f"Fisher cost vs its compute floor and Avalanche ({used} threads)",
             )
         )
     hf = hugging_face_rows(quick=arguments.quick, threads=arguments.threads)

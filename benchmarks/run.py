@@ -57,6 +57,7 @@ def _fisher_speed(mode: str, out: Path) -> dict[str, list[Row]]:
     for table, rows in (
         ("fisher_resnet18", "resnet_rows"),
         ("fisher_vs_backpack", "backpack_rows"),
+        ("fisher_floor", "floor_rows"),
     ):
         if hasattr(module, rows):
             tables[table] = list(getattr(module, rows)(quick))

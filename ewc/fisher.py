@@ -58,6 +58,7 @@ from ewc._per_sample import squared_grad_sums
 from ewc._per_sample.batching import UncuttableBatchError, batch_size_of, first_examples
 from ewc._per_sample.engine import DEFAULT_MEMORY_BUDGET_BYTES, SquaredGradSums
 from ewc._per_sample.report import warn_fallbacks
+from ewc._per_sample.workspace import Workspace
 from ewc._typing import Batch, Criterion, ForwardFn, TensorDict, present
 from ewc.errors import ConsolidationError, UnsupportedCriterionError
 from ewc.likelihoods import LazySignals, Likelihood, likelihood_for, registered_criteria
@@ -237,6 +238,7 @@ def fisher_sums(
     if logits_reversal:
         run_model = _reversed(run_model)
     make_signals = _signal_maker(estimator, likelihood, criterion, mc_samples)
+    workspace = Workspace()  # the engine's large per-batch buffers, reused batch after batch
     accumulated: TensorDict = {}  # the first batch's fresh sums become the accumulators
     count = examples = batch_count = 0
     paths: dict[str, str] = {}
@@ -252,7 +254,7 @@ def fisher_sums(
             count += 1
             paths = dict.fromkeys(params, "batch-gradient")
         else:
-            result = _engine_pass(model, params, batch, run_model, make_signals)
+            result = _engine_pass(model, params, batch, run_model, make_signals, workspace)
             sums, seen = result.sums, result.examples
             paths.update(result.paths)
             reasons.update(result.reasons)
@@ -387,9 +389,10 @@ def _engine_pass(
     batch: Batch,
     run_model: ForwardFn,
     make_signals: Callable[[Tensor, Any], Tensor | LazySignals],
+    workspace: Workspace,
 ) -> SquaredGradSums:
     """One batch through the engine; lazy signals are read by the engine in budget-sized chunks
-    (:mod:`ewc._per_sample.signals`)."""
+    (:mod:`ewc._per_sample.signals`), its buffers come from the pass's ``workspace``."""
     return squared_grad_sums(
         model,
         params,
@@ -397,6 +400,7 @@ def _engine_pass(
         run_model,
         make_signals,
         memory_budget_bytes=DEFAULT_MEMORY_BUDGET_BYTES,  # read at call time: a module setting
+        workspace=workspace,
     )
 
 
@@ -476,16 +480,16 @@ def _check_signal_count(count: int, output: Tensor) -> None:
     if count > MAX_EXACT_SIGNALS:
         raise ConsolidationError(
             f"fisher='exact' would run {count} backward signals per batch for a model output of "
-            f"shape {tuple(output.shape)} (one per output position and class), more than "
-            f"ewc.fisher.MAX_EXACT_SIGNALS={MAX_EXACT_SIGNALS}; use fisher='sample' "
+            f"shape {tuple(output.shape)} (one per class but one, per output position), more "
+            f"than ewc.fisher.MAX_EXACT_SIGNALS={MAX_EXACT_SIGNALS}; use fisher='sample' "
             "(mc_samples signals: one per draw for a whole sequence) or fisher='empirical'. "
             "max_samples=n bounds the examples used, not the signals per batch."
         )
     if count > EXACT_SIGNAL_WARNING_THRESHOLD and count not in _warned_signal_counts:
         _warned_signal_counts.add(count)
         warnings.warn(
-            f"fisher='exact' runs {count} backward signals per batch (one per class and output "
-            "position), so consolidation costs about that many backward passes per batch; "
+            f"fisher='exact' runs {count} backward signals per batch (one per class but one, per "
+            "output position), so consolidation costs about that many backward passes per batch; "
             "fisher='sample' (mc_samples signals) or max_samples=n is cheaper",
             stacklevel=5,
         )

@@ -5,9 +5,10 @@ class dimension last as Hugging Face models emit it. Positions whose target equa
 criterion's ``ignore_index`` are left out of every estimator; an example's log-likelihood is the
 sum over its other positions.
 
-* exact: ``sum_s sum_c p_sc (grad log p_sc)^2`` through the signals ``sqrt(p_sc) (p_s - e_c)`` at
-  position ``s`` (zero elsewhere): ``S' * C`` signals, ``S'`` the positions not ignored in every
-  example of the batch. Built lazily, a chunk at a time.
+* exact: ``sum_s sum_c p_sc (grad log p_sc)^2``, the Fisher ``diag(p_s) - p_s p_s^T`` of the
+  logits at position ``s`` factored into ``C - 1`` signals (its rank; see
+  :meth:`Categorical.exact_signals`), zero elsewhere: ``S' * (C - 1)`` signals, ``S'`` the
+  positions not ignored in every example of the batch. Built lazily, a chunk at a time.
 * sample: ``y_s ~ Categorical(p_s)`` drawn per position; one signal ``(p - e_y) / sqrt(m)`` per
   draw for the whole example.
 * empirical: per position ``(1 - eps) w_y (p - e_y) + (eps / C) sum_c w_c (p - e_c)`` (weights
@@ -90,33 +91,52 @@ class Categorical(Likelihood):
     # -- exact ---------------------------------------------------------------------------------
     def exact_signal_count(self, output: Tensor, target: Any) -> int:
         self.check_output(output, min_dim=2)
-        return int(self._valid_positions(output, self._mask(output, target)).numel()) * int(
-            output.shape[-1]
-        )
+        positions = self._valid_positions(output, self._mask(output, target)).numel()
+        return int(positions) * _signals_per_position(int(output.shape[-1]))
 
     def exact_signals(self, output: Tensor, target: Any) -> LazySignals:
+        """``C - 1`` signals per position whose outer products sum to ``diag(p) - p p^T``.
+
+        The Fisher of the logits at a position is ``H = diag(p) - p p^T``, of rank ``C - 1``
+        (``H 1 = 0``). With ``u = sqrt(p)`` (a unit vector) ``H = D (I - u u^T) D``, ``D =
+        diag(u)``, and the Householder reflection ``Q = I - v v^T / (1 + u_C)``, ``v = u + e_C``,
+        maps ``e_C`` to ``-u``, so ``I - u u^T`` is the sum of ``Q_j Q_j^T`` over the other
+        ``C - 1`` columns of ``Q``. The signals are ``l_j = u * Q_j`` (``j < C``): one backward
+        fewer per position than the ``C`` signals ``sqrt(p_c) (p - e_c)`` with the same sum,
+        and no cancellation (``1 + u_C >= 1``). Cost: ``O(n k C)`` per chunk of ``k`` signals.
+        """
         self.check_output(output, min_dim=2)
         mask = self._mask(output, target)
         valid = self._valid_positions(output, mask)
         examples, classes = output.shape[0], output.shape[-1]
+        per_position = _signals_per_position(classes)
         flat = self._probs(output).reshape(examples, -1, classes)  # (n, P, C)
         weight = None if mask is None else mask.to(flat.dtype)
         eye = torch.eye(classes, dtype=flat.dtype, device=flat.device)
 
         def chunk(start: int, stop: int) -> Tensor:
             ks = torch.arange(start, stop, device=flat.device)
-            pos, cls = valid[ks // classes], ks % classes
-            coef = flat[:, pos, cls].sqrt()  # (n, k)
+            pos, column = valid[ks // per_position], ks % per_position
+            root = flat[:, pos, :].sqrt()  # u: (n, k, C)
+            if classes == 1:  # H = 0: one zero signal
+                block = torch.zeros_like(root)
+            else:
+                last = root[..., -1:]  # u_C: (n, k, 1)
+                reflector = root.clone()
+                reflector[..., -1] += 1.0  # v = u + e_C
+                coefficient = root.gather(-1, column.expand(examples, -1).unsqueeze(-1))
+                householder = eye[column] - reflector * (coefficient / (1.0 + last))  # Q_j
+                block = root * householder
             if weight is not None:
-                coef = coef * weight[:, pos]
-            block = coef.unsqueeze(-1) * (flat[:, pos, :] - eye[cls])  # (n, k, C)
+                block = block * weight[:, pos].unsqueeze(-1)
             signals = flat.new_zeros(stop - start, *flat.shape)  # (k, n, P, C)
             signals[torch.arange(stop - start, device=flat.device), :, pos, :] = block.transpose(
                 0, 1
             )
             return signals.reshape(stop - start, *output.shape).to(output.dtype)
 
-        return LazySignals(int(valid.numel()) * classes, chunk, tuple(output.shape), output.dtype)
+        count = int(valid.numel()) * per_position
+        return LazySignals(count, chunk, tuple(output.shape), output.dtype)
 
     # -- sample --------------------------------------------------------------------------------
     def sample_signals(self, output: Tensor, target: Any, mc_samples: int) -> Tensor:
@@ -210,6 +230,11 @@ class Categorical(Likelihood):
             if target.shape == output.shape and target.is_floating_point():
                 return self.criterion(output.reshape(-1, classes), target.reshape(-1, classes))
         return self.criterion(output, target)
+
+
+def _signals_per_position(classes: int) -> int:
+    """``C - 1`` exact signals per position (the rank of ``diag(p) - p p^T``), one for ``C = 1``."""
+    return max(1, classes - 1)
 
 
 def _criterion_name(criterion: Any) -> str:

@@ -328,18 +328,18 @@ def test_exact_warns_once_with_the_cost_when_signals_exceed_one_hundred():
     from ewc import fisher as fisher_module
 
     fisher_module._warned_signal_counts.discard(120)
-    model = nn.Linear(3, 120)
-    batches = [(torch.randn(2, 3), torch.randint(0, 120, (2,)))] * 2
+    model = nn.Linear(3, 121)  # C - 1 = 120 signals
+    batches = [(torch.randn(2, 3), torch.randint(0, 121, (2,)))] * 2
     with pytest.warns(UserWarning, match=r"120 backward signals per batch.*fisher='sample'"):
         EWC(1.0).consolidate(model, batches, nn.CrossEntropyLoss())
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second consolidation does not warn again
         EWC(1.0).consolidate(model, batches, nn.CrossEntropyLoss())
-    small = nn.Linear(3, 100)
+    small = nn.Linear(3, 101)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # 100 signals is within the threshold
         EWC(1.0).consolidate(
-            small, [(torch.randn(2, 3), torch.randint(0, 100, (2,)))], nn.CrossEntropyLoss()
+            small, [(torch.randn(2, 3), torch.randint(0, 101, (2,)))], nn.CrossEntropyLoss()
         )
 
 

@@ -176,7 +176,7 @@ def test_exact_signals_skip_positions_ignored_in_every_example_and_chunks_agree(
     target = torch.tensor([[1, -100, 2], [0, -100, -100]])
     signals = likelihood_for(nn.CrossEntropyLoss()).exact_signals(output, target)
     assert isinstance(signals, LazySignals)
-    assert len(signals) == 2 * 4  # position 1 is ignored everywhere: 2 positions x 4 classes
+    assert len(signals) == 2 * 3  # position 1 is ignored everywhere: 2 positions x (4 - 1)
     whole = signals.materialize()
     parts = torch.cat([signals.chunk(start, start + 3) for start in range(0, len(signals), 3)])
     assert torch.equal(whole, parts)
@@ -219,7 +219,7 @@ def test_exact_with_a_vocabulary_over_positions_is_refused_before_any_backward(m
 
     monkeypatch.setattr(torch.autograd, "grad", no_backward)
     reg = EWC(1.0, fisher="exact")
-    with pytest.raises(ConsolidationError, match=r"64000 backward signals.*fisher='sample'"):
+    with pytest.raises(ConsolidationError, match=r"63936 backward signals.*fisher='sample'"):
         reg.consolidate(model, batches, nn.CrossEntropyLoss())
     assert reg.tasks == 0
 
@@ -302,3 +302,22 @@ def test_public_names():
     ]:
         for name in names:
             assert hasattr(module, name) and name in module.__all__, (module.__name__, name)
+
+
+@pytest.mark.parametrize("classes", [1, 2, 3, 10])
+@pytest.mark.parametrize("sharpness", [1.0, 40.0])  # 40: p within 1e-17 of one-hot
+def test_exact_signals_factor_the_logit_fisher_with_one_signal_fewer_than_classes(
+    classes: int, sharpness: float
+):
+    """``sum_k s_k s_k^T = diag(p) - p p^T`` per example, from ``max(1, C - 1)`` signals."""
+    torch.manual_seed(0)
+    output = sharpness * torch.randn(4, classes, dtype=torch.float64)
+    likelihood = likelihood_for(nn.CrossEntropyLoss())
+    target = torch.zeros(4, dtype=torch.long)
+    signals = likelihood.exact_signals(output, target).materialize()  # (K, n, C)
+    assert signals.shape == (max(1, classes - 1), 4, classes)
+    assert likelihood.exact_signal_count(output, target) == signals.shape[0]
+    p = torch.softmax(output, dim=-1)
+    expected = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    outer = torch.einsum("kni,knj->nij", signals, signals)
+    torch.testing.assert_close(outer, expected, rtol=0, atol=1e-15)

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ewc._per_sample import squared_grad_sums
 from ewc._per_sample.rules import RULES, register_rule
+from ewc._per_sample.workspace import Workspace
 from tests.reference import brute_force_squared_grad_sums
 from tests.unit.test_per_sample_rules import check, run_model, signal_maker
 
@@ -53,6 +54,37 @@ def test_small_cnn_float32() -> None:
     )
     paths = check(model, torch.randn(5, 1, 8, 8), signals=4)
     assert paths["0.weight"] == "rule:Conv2d" and paths["5.bias"] == "rule:Linear"
+
+
+def test_one_workspace_serves_every_batch_of_a_pass_and_changes_no_result() -> None:
+    """The signals' output gradients go to reused buffers (example-major for the conv rule):
+    batches of two sizes, each equal to the reference, and the second round allocates none."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 3),
+    ).double()
+    model.eval()
+    params = dict(model.named_parameters())
+    workspace = Workspace()
+    batches = [torch.randn(size, 1, 6, 6, dtype=torch.float64) for size in (5, 3)]
+    for round_ in range(2):
+        for seed, x in enumerate(batches):
+            make = signal_maker(3, seed=seed)
+            result = squared_grad_sums(model, params, x, run_model, make, workspace=workspace)
+            expected = brute_force_squared_grad_sums(model, params, x, run_model, make)
+            assert result.paths["2.weight"] == "rule:Conv2d"
+            for name in params:
+                torch.testing.assert_close(result.sums[name], expected[name], rtol=1e-10, atol=0)
+        if round_ == 0:
+            allocated = len(workspace)
+            assert allocated == 2 * 3  # two batch sizes, three captured layer outputs
+    assert len(workspace) == allocated
 
 
 def test_mixed_rule_and_raw_parameter() -> None:

@@ -128,7 +128,7 @@ def unfold_input(conv: _Conv, x: Tensor, *, positions_first: bool = False) -> Te
     return x.permute([0, *window, *out_positions]).reshape(n, rows, -1)
 
 
-@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, supports=_supports)
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d, supports=_supports, examples_first=True)
 def conv_rule(
     module: nn.Module,
     inputs: tuple[Tensor, ...],

@@ -96,6 +96,10 @@ class LayerRule:
             rest of the model that output expanded to the batch size, so that each example gets
             its own output gradient.
         name: the name in the reported path (default: the module type's name).
+        examples_first: the rule reads ``grad_outputs`` one example at a time (per-example
+            matmuls over all ``K`` signals): the engine then hands it ``(K, n, ...)`` as a
+            transposed view of an ``(n, K, ...)`` buffer, so each example's signals are one
+            contiguous block and the rule needs no copy to batch them.
     """
 
     module_type: type[nn.Module] | None
@@ -107,6 +111,7 @@ class LayerRule:
     per_example: PerExampleFn | None = None
     broadcast: bool = False
     name: str = ""
+    examples_first: bool = False
 
     @property
     def path(self) -> str:
@@ -152,6 +157,7 @@ def register_rule(
     broadcast: bool = False,
     matches: MatchFn | None = None,
     name: str = "",
+    examples_first: bool = False,
 ) -> Callable[[RuleFn], RuleFn]:
     """Decorator registering ``rule`` for each of ``module_types`` (exact types), or for every
     module that ``matches`` (a structural match, when the class cannot be imported).
@@ -160,7 +166,8 @@ def register_rule(
         module_types: the ``nn.Module`` classes the rule computes.
         supports: a per-call check; default: the first input is a tensor with at least 2 dims whose
             dim 0 is the batch size.
-        bind, owns_children, tuple_output, per_example, broadcast: see :class:`LayerRule`.
+        bind, owns_children, tuple_output, per_example, broadcast, examples_first: see
+            :class:`LayerRule`.
         matches: instead of ``module_types``, a predicate on the module.
         name: the path name for a ``matches`` rule (``"rule:<name>"``).
 
@@ -194,6 +201,7 @@ def register_rule(
                 per_example,
                 broadcast,
                 name,
+                examples_first=examples_first,
             )
             MATCHERS.append((matches, layer_rule))
             return rule
@@ -228,6 +236,7 @@ def register_rule(
                 tuple_output,
                 per_example,
                 broadcast,
+                examples_first=examples_first,
             )
         return rule
 

@@ -42,7 +42,7 @@ from benchmarks._avalanche_shim import load_avalanche_ewc_plugin
 from benchmarks._common import Row, interleaved_times, median_ratio, mlp, progress
 from ewc import EWC
 
-__all__ = ["floor_rows", "run"]
+__all__ = ["eager_profile_rows", "floor_rows", "run"]
 
 LAMBDA = 100.0
 
@@ -338,6 +338,7 @@ def run(mode: str, out: Path) -> dict[str, list[Row]]:
         "penalty_cost": rows,
         "penalty_overhead_headline": headline,
         "penalty_vs_floor": floor_rows(mode, notes),
+        "penalty_eager_profile": eager_profile_rows(mode),
     }
     if notes:
         tables["penalty_notes"] = [{"note": n} for n in notes]
@@ -472,6 +473,82 @@ def floor_rows(mode: str, notes: list[str] | None = None) -> list[Row]:
     finally:
         torch.set_num_threads(previous)
     return rows
+
+
+def eager_profile_rows(mode: str) -> list[Row]:
+    """The ``penalty_eager_profile`` table: where the default (eager) ``penalty_grad_`` spends
+    its time, at 1 thread, per model of :func:`floor_rows`.
+
+    ``torch.profiler`` over ``repeats`` calls, each right after the model's step: per ATen op
+    its calls and self CPU time per ``penalty_grad_``, then ``python + dispatch`` (the wall time
+    the ops do not account for: binding the view, the Python loop over tensors and blocks, op
+    dispatch) and, for scale, the floor kernel timed the same way. ``share_%`` is of the wall
+    time of ``penalty_grad_``.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    config = FLOOR_CONFIGS[mode]
+    repeats = config["repeats"] * 4
+    rows: list[Row] = []
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for model_name, (model, reg, before) in _penalty_setups(config).items():
+            fns, _ = _floor_fns(model, reg, None)
+            walls: dict[str, float] = {}
+            ops: dict[str, dict[str, tuple[int, float]]] = {}
+            for method in ("ewc.penalty_grad_", FLOOR):
+                fn = fns[method]
+                before()
+                fn()  # warm: the view is bound, the workspace exists
+                wall = 0.0
+                counted: dict[str, tuple[int, float]] = {}
+                for _ in range(repeats):
+                    before()  # outside the profiled region: only the call is recorded
+                    with profile(activities=[ProfilerActivity.CPU]) as prof:
+                        start = time.perf_counter()
+                        fn()
+                        wall += time.perf_counter() - start
+                    for name, (calls, ms) in _op_times(prof).items():
+                        seen_calls, seen_ms = counted.get(name, (0, 0.0))
+                        counted[name] = (seen_calls + calls, seen_ms + ms)
+                walls[method] = 1e3 * wall / repeats
+                ops[method] = {
+                    name: (round(calls / repeats), ms / repeats)
+                    for name, (calls, ms) in counted.items()
+                }
+            total = walls["ewc.penalty_grad_"]
+            accounted = 0.0
+            for name, (calls, ms) in sorted(
+                ops["ewc.penalty_grad_"].items(), key=lambda kv: -kv[1][1]
+            ):
+                accounted += ms
+                rows.append(_profile_row(model_name, name, calls, ms, total))
+            rows.append(_profile_row(model_name, "python + dispatch", 0, total - accounted, total))
+            rows.append(_profile_row(model_name, "ewc.penalty_grad_ (wall)", 0, total, total))
+            rows.append(_profile_row(model_name, f"{FLOOR} (wall)", 0, walls[FLOOR], total))
+    finally:
+        torch.set_num_threads(previous)
+    return rows
+
+
+def _op_times(prof: Any) -> dict[str, tuple[int, float]]:
+    """Per ATen op of one profiled call: its calls and self CPU milliseconds."""
+    return {
+        event.key: (event.count, event.self_cpu_time_total / 1e3)
+        for event in prof.key_averages()
+        if event.key.startswith("aten::") and event.self_cpu_time_total > 0
+    }
+
+
+def _profile_row(model: str, part: str, calls: int, ms: float, total: float) -> Row:
+    return {
+        "model": model,
+        "part": part,
+        "calls_per_call": calls,
+        "ms_per_call": ms,
+        "share_%": 100 * ms / total,
+    }
 
 
 def _plot(rows: list[Row], path: Path, sizes: list[int]) -> None:

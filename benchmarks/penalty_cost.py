@@ -42,7 +42,7 @@ from benchmarks._avalanche_shim import load_avalanche_ewc_plugin
 from benchmarks._common import Row, interleaved_times, median_ratio, mlp, progress
 from ewc import EWC
 
-__all__ = ["eager_profile_rows", "floor_rows", "run"]
+__all__ = ["eager_profile_rows", "floor_rows", "run", "sgd_step_rows"]
 
 LAMBDA = 100.0
 
@@ -339,6 +339,7 @@ def run(mode: str, out: Path) -> dict[str, list[Row]]:
         "penalty_overhead_headline": headline,
         "penalty_vs_floor": floor_rows(mode, notes),
         "penalty_eager_profile": eager_profile_rows(mode),
+        "penalty_in_sgd_step": sgd_step_rows(mode, notes),
     }
     if notes:
         tables["penalty_notes"] = [{"note": n} for n in notes]
@@ -468,6 +469,72 @@ def floor_rows(mode: str, notes: list[str] | None = None) -> list[Row]:
                             "method": method,
                             "ms": 1e3 * statistics.median(samples),
                             "ratio_to_floor": median_ratio(samples, times[FLOOR]),
+                        }
+                    )
+    finally:
+        torch.set_num_threads(previous)
+    return rows
+
+
+def _then(first: Callable[[], object], second: Callable[[], object]) -> Callable[[], None]:
+    def both() -> None:
+        first()
+        second()
+
+    return both
+
+
+def sgd_step_rows(mode: str, notes: list[str] | None = None) -> list[Row]:
+    """The ``penalty_in_sgd_step`` table: what the penalty adds to a ``torch.optim.SGD`` step
+    (momentum 0.9), at 1 and 2 threads, per model of :func:`floor_rows`.
+
+    Methods: the SGD step alone; ``penalty_grad_`` (default, and ``fused=True``) then the step;
+    :class:`ewc.optim.SGD`, which applies the penalty inside its own pass; and the floor of
+    :func:`floor_rows`. ``penalty_in_floors`` is ``(method - step) / floor`` from paired
+    per-repeat times: the penalty's own cost in units of the memory floor (1.25 is a perfect
+    separate pass; below 1 only by sharing the step's pass).
+    """
+    from ewc.optim import SGD
+
+    config = FLOOR_CONFIGS[mode]
+    rows: list[Row] = []
+    previous = torch.get_num_threads()
+    try:
+        for model_name, (model, reg, before) in _penalty_setups(config).items():
+            fns, _ = _floor_fns(model, reg, notes)
+            params = [p for p in model.parameters() if p.requires_grad]
+            plain = torch.optim.SGD(params, lr=1e-12, momentum=0.9, foreach=False)
+            try:
+                ours = SGD(params, lr=1e-12, momentum=0.9, reg=reg, model=model)
+            except RuntimeError as error:
+                if notes is not None:
+                    notes.append(f"ewc.optim.SGD not measured: {error}")
+                continue
+            methods: dict[str, Callable[[], object]] = {
+                FLOOR: fns[FLOOR],
+                "sgd step": plain.step,
+                "penalty_grad_ + sgd step": _then(fns["ewc.penalty_grad_"], plain.step),
+                "ewc.optim.SGD step": ours.step,
+            }
+            if FUSED in fns:
+                methods["penalty_grad_ (fused=True) + sgd step"] = _then(fns[FUSED], plain.step)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                times = _timed_after(methods, before, config["repeats"])
+                for method, samples in times.items():
+                    extra = [
+                        (t - step) / floor
+                        for t, step, floor in zip(samples, times["sgd step"], times[FLOOR])
+                    ]
+                    rows.append(
+                        {
+                            "model": model_name,
+                            "threads": threads,
+                            "method": method,
+                            "ms": 1e3 * statistics.median(samples),
+                            "penalty_in_floors": statistics.median(extra)
+                            if method not in (FLOOR, "sgd step")
+                            else float("nan"),
                         }
                     )
     finally:

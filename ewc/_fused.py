@@ -26,13 +26,20 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["FusedKernel", "fused_kernel"]
+__all__ = ["FusedKernel", "FusedSGDKernel", "fused_kernel", "fused_sgd_kernel"]
 
 FusedKernel = Callable[[Tensor, Tensor, Tensor, Tensor, float, bool], float]
 """``kernel(grad, importance, param, centre, scale, want_quadratic) -> quadratic`` (0.0 unless
 asked); every tensor on the CPU, one floating dtype, same shape."""
 
-KERNEL_NAME = "ewc_fused_penalty_v1"
+FusedSGDKernel = Callable[..., None]
+"""``kernel(param, grad, buf, first_step, importance, centre, scale, lr, weight_decay, momentum,
+dampening, nesterov, maximize)``: one step of ``torch.optim.SGD`` on ``param`` in place, on the
+gradient ``grad + scale * importance * (param - centre)`` (``importance``/``centre`` None: no
+penalty), updating the momentum buffer ``buf`` (None without momentum; ``first_step``: it is
+written, not read). ``grad`` is not changed. Every tensor on the CPU, one dtype, same shape."""
+
+KERNEL_NAME = "ewc_fused_penalty_v3"
 """Part of the on-disk cache key: bump it whenever the source changes."""
 
 _SOURCE = r"""
@@ -120,24 +127,155 @@ double add_penalty_grad(torch::Tensor grad, torch::Tensor importance, torch::Ten
   for (double part : partial) total += part;
   return total;
 }
+
+namespace {
+
+// One element of torch.optim.SGD's single-tensor step on the gradient g + scale A (theta - m),
+// in its order of operations: maximize, weight decay, momentum (first step: buf = d), nesterov.
+template <typename T, bool Penalty, int Momentum>  // Momentum: 0 none, 1 first step, 2 update
+inline void sgd_element(T& theta, T& buf, T g, T a, T m, T scale, T lr, T weight_decay,
+                        T momentum, T keep, bool nesterov, bool maximize) {
+  T d = Penalty ? EWC_MULTIPLY_ADD(scale * a, theta - m, g) : g;
+  if (maximize) d = -d;
+  if (weight_decay != T(0)) d = EWC_MULTIPLY_ADD(weight_decay, theta, d);
+  if (Momentum == 1) buf = d;
+  if (Momentum == 2) buf = EWC_MULTIPLY_ADD(keep, d, buf * momentum);
+  if (Momentum != 0) d = nesterov ? EWC_MULTIPLY_ADD(momentum, buf, d) : buf;
+  theta = EWC_MULTIPLY_ADD(-lr, d, theta);
+}
+
+template <typename T, bool Penalty, int Momentum>
+void sgd_loop(char** data, const int64_t* strides, int64_t size0, int64_t size1, T scale, T lr,
+              T weight_decay, T momentum, T keep, bool nesterov, bool maximize) {
+  // data: [theta (out), buf (out), theta, grad, buf, importance, centre]; absent ones repeat
+  // theta, and are never read
+  for (int64_t outer = 0; outer < size1; ++outer) {
+    char* base[7];
+    for (int k = 0; k < 7; ++k) base[k] = data[k] + outer * strides[7 + k];
+    for (int64_t i = 0; i < size0; ++i) {
+      T& theta = *reinterpret_cast<T*>(base[0] + i * strides[0]);
+      T unused = T(0);
+      T& buf = Momentum != 0 ? *reinterpret_cast<T*>(base[1] + i * strides[1]) : unused;
+      const T g = *reinterpret_cast<const T*>(base[3] + i * strides[3]);
+      const T a = Penalty ? *reinterpret_cast<const T*>(base[5] + i * strides[5]) : T(0);
+      const T m = Penalty ? *reinterpret_cast<const T*>(base[6] + i * strides[6]) : T(0);
+      sgd_element<T, Penalty, Momentum>(theta, buf, g, a, m, scale, lr, weight_decay, momentum,
+                                        keep, nesterov, maximize);
+    }
+  }
+}
+
+// The contiguous case, vectorised: every option is a template parameter or branch-free
+// arithmetic (maximize is a sign; weight decay 0 adds exactly 0), so the loop has no branches.
+template <typename T, bool Penalty, int Momentum, bool Nesterov>
+void sgd_contiguous(T* __restrict__ theta, T* __restrict__ buf, const T* __restrict__ grad,
+                    const T* __restrict__ a, const T* __restrict__ m, int64_t n, T scale, T lr,
+                    T weight_decay, T momentum, T keep, T sign) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const T t = theta[i];
+    T d = grad[i];
+    if constexpr (Penalty) d = EWC_MULTIPLY_ADD(scale * a[i], t - m[i], d);
+    d = EWC_MULTIPLY_ADD(weight_decay, t, sign * d);
+    if constexpr (Momentum == 1) buf[i] = d;
+    if constexpr (Momentum == 2) buf[i] = EWC_MULTIPLY_ADD(keep, d, buf[i] * momentum);
+    if constexpr (Momentum != 0) d = Nesterov ? EWC_MULTIPLY_ADD(momentum, buf[i], d) : buf[i];
+    theta[i] = EWC_MULTIPLY_ADD(-lr, d, t);
+  }
+}
+
+template <typename T>
+struct SgdHyper {
+  T scale, lr, weight_decay, momentum, keep;
+  bool nesterov, maximize;
+};
+
+template <typename T, bool Penalty, int Momentum, bool Nesterov>
+void sgd_run(at::TensorIterator& iter, const SgdHyper<T>& h) {
+  iter.for_each([&](char** data, const int64_t* strides, int64_t size0, int64_t size1) {
+    bool contiguous = size1 == 1;
+    for (int k = 0; k < 7; ++k) contiguous = contiguous && strides[k] == sizeof(T);
+    if (contiguous) {
+      sgd_contiguous<T, Penalty, Momentum, Nesterov>(
+          reinterpret_cast<T*>(data[0]), reinterpret_cast<T*>(data[1]),
+          reinterpret_cast<const T*>(data[3]), reinterpret_cast<const T*>(data[5]),
+          reinterpret_cast<const T*>(data[6]), size0, h.scale, h.lr, h.weight_decay,
+          h.momentum, h.keep, h.maximize ? T(-1) : T(1));
+    } else {
+      sgd_loop<T, Penalty, Momentum>(data, strides, size0, size1, h.scale, h.lr,
+                                     h.weight_decay, h.momentum, h.keep, h.nesterov,
+                                     h.maximize);
+    }
+  });
+}
+
+template <typename T, bool Penalty>
+void sgd_dispatch(at::TensorIterator& iter, const SgdHyper<T>& h, int mode) {
+  if (mode == 0) sgd_run<T, Penalty, 0, false>(iter, h);
+  else if (mode == 1 && h.nesterov) sgd_run<T, Penalty, 1, true>(iter, h);
+  else if (mode == 1) sgd_run<T, Penalty, 1, false>(iter, h);
+  else if (h.nesterov) sgd_run<T, Penalty, 2, true>(iter, h);
+  else sgd_run<T, Penalty, 2, false>(iter, h);
+}
+
+}  // namespace
+
+void sgd_penalty_step(torch::Tensor param, torch::Tensor grad, c10::optional<torch::Tensor> buf,
+                      bool first_step, c10::optional<torch::Tensor> importance,
+                      c10::optional<torch::Tensor> centre, double scale, double lr,
+                      double weight_decay, double momentum, double dampening, bool nesterov,
+                      bool maximize) {
+  TORCH_CHECK(param.device().is_cpu(), "ewc fused SGD: tensors must be on the CPU");
+  const bool penalty = importance.has_value();
+  const int mode = buf.has_value() ? (first_step ? 1 : 2) : 0;
+  torch::Tensor b = buf.has_value() ? *buf : param;
+  torch::Tensor a = penalty ? *importance : param;
+  torch::Tensor m = penalty ? *centre : param;
+  auto config = at::TensorIteratorConfig();
+  config.add_output(param).add_output(b).add_const_input(param).add_const_input(grad);
+  config.add_const_input(b).add_const_input(a).add_const_input(m);
+  config.resize_outputs(false).set_check_mem_overlap(false).check_all_same_dtype(true);
+  auto iter = config.build();
+  AT_DISPATCH_FLOATING_TYPES(iter.common_dtype(), "ewc_sgd_penalty_step", [&] {
+    const SgdHyper<scalar_t> hyper{static_cast<scalar_t>(scale), static_cast<scalar_t>(lr),
+                                   static_cast<scalar_t>(weight_decay),
+                                   static_cast<scalar_t>(momentum),
+                                   static_cast<scalar_t>(1 - dampening), nesterov, maximize};
+    if (penalty) sgd_dispatch<scalar_t, true>(iter, hyper, mode);
+    else sgd_dispatch<scalar_t, false>(iter, hyper, mode);
+  });
+}
 """
 
 _lock = threading.Lock()
-_kernel: FusedKernel | None = None
+_module: Any = None
 
 
 def fused_kernel() -> FusedKernel:
-    """Return the compiled kernel, building it on the first call in this process.
+    """Return the compiled penalty kernel, building the extension on the first call in this
+    process.
 
     Raises:
         RuntimeError: the kernel could not be built (no C++ compiler or ninja, ...); the
             compiler's own error is chained as the cause.
     """
-    global _kernel
+    kernel: FusedKernel = _compiled().add_penalty_grad
+    return kernel
+
+
+def fused_sgd_kernel() -> FusedSGDKernel:
+    """Return the compiled SGD step of :class:`ewc.optim.SGD` (same extension, same errors as
+    :func:`fused_kernel`)."""
+    kernel: FusedSGDKernel = _compiled().sgd_penalty_step
+    return kernel
+
+
+def _compiled() -> Any:
+    global _module
     with _lock:
-        if _kernel is None:
-            _kernel = _build()
-        return _kernel
+        if _module is None:
+            _module = _build()
+        return _module
 
 
 _CAPABILITY_FLAGS = {
@@ -149,7 +287,7 @@ kernel is built for what ATen itself uses on this machine, and the capability is
 cache name, so a cache shared between different machines never runs unsupported code."""
 
 
-def _build() -> FusedKernel:
+def _build() -> Any:
     try:
         import torch
         from torch.utils.cpp_extension import load_inline
@@ -158,7 +296,7 @@ def _build() -> FusedKernel:
         module: Any = load_inline(
             name=f"{KERNEL_NAME}_{capability.lower()}",
             cpp_sources=[_SOURCE],
-            functions=["add_penalty_grad"],
+            functions=["add_penalty_grad", "sgd_penalty_step"],
             # no FMA contraction beyond the one addcmul_ itself uses (EWC_USE_FMA)
             extra_cflags=[
                 "-O3",
@@ -170,9 +308,7 @@ def _build() -> FusedKernel:
         )
     except Exception as error:  # the loader raises several kinds; say what was being built
         raise RuntimeError(
-            "EWC(fused=True) could not build its C++ CPU kernel (it needs a C++ compiler and "
-            f"ninja; torch.utils.cpp_extension reported {type(error).__name__}: {error}). "
-            "Use fused=False (the default, pure PyTorch) on this machine."
+            "the C++ CPU kernel of ewc could not be built: it needs a C++ compiler and ninja; "
+            f"torch.utils.cpp_extension reported {type(error).__name__}: {error}"
         ) from error
-    kernel: FusedKernel = module.add_penalty_grad
-    return kernel
+    return module

@@ -17,6 +17,7 @@ __all__ = [
     "ParamSelector",
     "TensorDict",
     "present",
+    "short_repr",
 ]
 
 TensorDict = dict[str, Tensor]
@@ -49,3 +50,9 @@ def present(value: _T | None, what: str) -> _T:
     if value is None:
         raise RuntimeError(f"ewc internal error: {what} is None; please report this")
     return value
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` cut to about 80 characters, for error messages that name a value."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"

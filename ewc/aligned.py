@@ -198,6 +198,28 @@ class AlignedState:
             return previous
         return torch.empty(size, dtype=dtype)
 
+    def whole_cpu_terms(self) -> dict[int, tuple[Tensor, Tensor]] | None:
+        """``id(param) -> (A, m)`` for every trainable aligned parameter, or None unless each is
+        a whole (never grown), unsharded, contiguous CPU tensor with the state's dtype: what a
+        single-pass optimizer step (:class:`ewc.optim.SGD`) can read directly."""
+        params = self._params()
+        if self._sharded:
+            return None
+        terms: dict[int, tuple[Tensor, Tensor]] = {}
+        for (i, block), importance, centre in zip(
+            self._trainable, self._trainable_importances, self._trainable_centres
+        ):
+            param = params[i]
+            if (
+                block is not None
+                or param.device.type != "cpu"
+                or param.dtype != importance.dtype
+                or not param.is_contiguous()
+            ):
+                return None
+            terms[id(param)] = (importance, centre)
+        return terms
+
     @property
     def workspace(self) -> Tensor | None:
         """The reusable CPU buffer of the gradient pass (None off the CPU)."""

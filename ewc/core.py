@@ -25,6 +25,7 @@ from ewc import distributed as _distributed
 from ewc import fisher as fisher_lib
 from ewc._fused import FusedKernel, fused_kernel
 from ewc._typing import Batch, Criterion, ForwardFn, ParamSelector
+from ewc._typing import short_repr as _short
 from ewc.aligned import AlignedState, check_model_fits, named_parameters, unwrap
 from ewc.errors import ConsolidationError, EWCError, StateDictError
 from ewc.store import ConsolidatedState, check_task, pack, storage_dtype, task_copies, unpack
@@ -159,7 +160,7 @@ class EWC:
         self.process_group = process_group
         self.fused = _check_bool(fused, "fused")
         # built now, so a machine without a compiler fails here rather than mid-training
-        self._fused_kernel: FusedKernel | None = fused_kernel() if fused else None
+        self._fused_kernel: FusedKernel | None = _built_kernel() if fused else None
         self._set_state(ConsolidatedState())
 
     # ------------------------------------------------------------------ state
@@ -406,7 +407,7 @@ class EWC:
         for stale in ("_workspace", "_aligned_cache"):  # pickles of ewc <= 0.1.0.dev0
             state.pop(stale, None)
         self.__dict__.update({"fused": False, "_aligned": None, **state})
-        self._fused_kernel = fused_kernel() if self.fused else None
+        self._fused_kernel = _built_kernel() if self.fused else None
 
     def __repr__(self) -> str:
         fused = ", fused=True" if self.fused else ""
@@ -418,9 +419,14 @@ class EWC:
 
 
 # ---------------------------------------------------------------------- argument checks
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+def _built_kernel() -> FusedKernel:
+    try:
+        return fused_kernel()
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"EWC(fused=True): {error}. Use fused=False (the default, pure PyTorch) on this "
+            "machine."
+        ) from error.__cause__ or error
 
 
 def _check_lambda(value: Any) -> float:

@@ -216,7 +216,7 @@ def test_fused_must_be_a_bool():
 
 def test_a_failed_build_is_a_clear_error(monkeypatch, tmp_path):
     """A real build with no usable compiler, in an empty extension cache."""
-    monkeypatch.setattr(ewc._fused, "_kernel", None)
+    monkeypatch.setattr(ewc._fused, "_module", None)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.raises(RuntimeError, match=r"fused=True.*C\+\+ compiler") as caught:

@@ -1,0 +1,259 @@
+"""``ewc.optim.SGD``: the penalty inside the SGD pass, against ``penalty_grad_`` + torch SGD.
+
+The reference is the two-pass step users would otherwise write, on a copy of the same model:
+``reg.penalty_grad_(reference); torch.optim.SGD(..., foreach=False).step()``. Skipped only where
+no C++ compiler or ninja exists, like ``EWC(fused=True)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import ewc._fused
+from ewc import EWC
+from ewc.optim import SGD
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("c++") is None or shutil.which("ninja") is None,
+    reason="ewc.optim.SGD builds a C++ kernel: needs a C++ compiler and ninja",
+)
+
+HYPERPARAMETERS = [
+    {},
+    {"momentum": 0.9},
+    {"momentum": 0.9, "nesterov": True},
+    {"momentum": 0.8, "dampening": 0.3, "weight_decay": 0.01},
+    {"weight_decay": 0.05, "maximize": True},
+    {"momentum": 0.5, "nesterov": True, "weight_decay": 0.1, "maximize": True},
+]
+
+
+class Net(nn.Module):
+    """A body consolidated on, a frozen layer, and a head added after consolidation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 40), nn.Tanh(), nn.Linear(40, 200), nn.Tanh())
+        self.frozen = nn.Linear(200, 200)
+        self.head = nn.Linear(200, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.frozen(self.body(x))))
+
+
+def not_the_head(name: str, param: nn.Parameter) -> bool:
+    return not name.startswith("head")
+
+
+def consolidated(dtype: torch.dtype, seed: int = 0) -> tuple[Net, EWC, torch.Generator]:
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = Net().to(dtype)
+    reg = EWC(5.0, fisher="empirical", params=not_the_head)
+    for _ in range(2):
+        x = torch.randn(16, 6, generator=generator).to(dtype)
+        y = torch.randint(0, 3, (16,), generator=generator)
+        reg.consolidate(net, [(x, y)], nn.CrossEntropyLoss())
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.2 * torch.randn(p.shape, generator=generator).to(dtype))
+    net.frozen.requires_grad_(False)
+    return net, reg, generator
+
+
+def run_both(
+    hyper: dict[str, Any], dtype: torch.dtype, steps: int = 3
+) -> tuple[Net, Net, SGD, torch.optim.SGD, list[list[torch.Tensor]]]:
+    net, reg, generator = consolidated(dtype)
+    reference = copy.deepcopy(net)
+    ours = SGD(
+        [p for p in net.parameters() if p.requires_grad], lr=0.05, reg=reg, model=net, **hyper
+    )
+    theirs = torch.optim.SGD(
+        [p for p in reference.parameters() if p.requires_grad], lr=0.05, foreach=False, **hyper
+    )
+    task_grads = []
+    for _ in range(steps):
+        x = torch.randn(8, 6, generator=generator).to(dtype)
+        y = torch.randint(0, 3, (8,), generator=generator)
+        for model, optimizer in ((net, ours), (reference, theirs)):
+            optimizer.zero_grad()
+            nn.CrossEntropyLoss()(model(x), y).backward()
+        task_grads.append([p.grad.clone() for p in net.parameters() if p.grad is not None])
+        reg.penalty_grad_(reference)
+        theirs.step()
+        ours.step()
+        kept = [p.grad for p in net.parameters() if p.grad is not None]
+        for before, after in zip(task_grads[-1], kept):
+            assert torch.equal(before, after)  # .grad keeps the task gradient
+    return net, reference, ours, theirs, task_grads
+
+
+@pytest.mark.parametrize("hyper", HYPERPARAMETERS, ids=lambda h: ",".join(h) or "plain")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_one_pass_step_equals_penalty_grad_then_torch_sgd(hyper: dict[str, Any], dtype):
+    net, reference, ours, theirs, _ = run_both(hyper, dtype)
+    rtol, atol = (1e-12, 1e-14) if dtype == torch.float64 else (2e-6, 1e-7)
+    for (name, mine), expected in zip(net.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(mine, expected, rtol=rtol, atol=atol, msg=name)
+        if expected in theirs.state and "momentum_buffer" in theirs.state[expected]:
+            torch.testing.assert_close(
+                ours.state[mine]["momentum_buffer"],
+                theirs.state[expected]["momentum_buffer"],
+                rtol=rtol,
+                atol=atol,
+            )
+    assert torch.equal(net.frozen.weight, reference.frozen.weight)  # frozen: never stepped
+
+
+def test_the_penalty_moves_the_weights_and_a_new_head_takes_the_plain_step():
+    """Against the same optimizer without the penalty: only the consolidated parameters
+    differ, and the new head (not in the state) steps exactly as plain SGD."""
+    net, reg, generator = consolidated(torch.float64)
+    plain = copy.deepcopy(net)
+    ours = SGD([p for p in net.parameters() if p.requires_grad], lr=0.1, reg=reg, model=net)
+    theirs = torch.optim.SGD([p for p in plain.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(8, 6, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=generator)
+    for model, optimizer in ((net, ours), (plain, theirs)):
+        nn.CrossEntropyLoss()(model(x), y).backward()
+        optimizer.step()
+    assert not torch.allclose(net.body[0].weight, plain.body[0].weight)
+    torch.testing.assert_close(net.head.weight, plain.head.weight, rtol=1e-15, atol=1e-16)
+
+
+def test_a_grown_parameter_takes_the_two_pass_step_with_the_same_result():
+    net, reg, generator = consolidated(torch.float64)
+    with torch.no_grad():  # body[2] grows by 5 outputs after consolidation
+        grown = nn.Linear(40, 205).double()
+        grown.weight[:200].copy_(net.body[2].weight)
+        grown.bias[:200].copy_(net.body[2].bias)
+    net.body[2] = grown
+    net.frozen = nn.Linear(205, 200).double().requires_grad_(False)
+    reference = copy.deepcopy(net)
+    ours = SGD(
+        [p for p in net.parameters() if p.requires_grad], lr=0.05, momentum=0.9, reg=reg, model=net
+    )
+    theirs = torch.optim.SGD(
+        [p for p in reference.parameters() if p.requires_grad], lr=0.05, momentum=0.9
+    )
+    for _ in range(2):
+        x = torch.randn(8, 6, generator=generator, dtype=torch.float64)
+        y = torch.randint(0, 3, (8,), generator=generator)
+        for model, optimizer in ((net, ours), (reference, theirs)):
+            optimizer.zero_grad()
+            nn.CrossEntropyLoss()(model(x), y).backward()
+        task = net.body[2].weight.grad.clone()
+        reg.penalty_grad_(reference)
+        theirs.step()
+        ours.step()
+        assert torch.equal(net.body[2].weight.grad, task)  # restored after the two passes
+    for mine, expected in zip(net.parameters(), reference.parameters()):
+        torch.testing.assert_close(mine, expected, rtol=1e-13, atol=1e-15)
+
+
+def test_lr_schedulers_closures_and_state_dicts_work_as_for_torch_sgd():
+    net, reg, generator = consolidated(torch.float64)
+    reference = copy.deepcopy(net)
+    params = [p for p in net.parameters() if p.requires_grad]
+    ours = SGD(params, lr=0.1, momentum=0.9, reg=reg, model=net)
+    theirs = torch.optim.SGD(
+        [p for p in reference.parameters() if p.requires_grad], lr=0.1, momentum=0.9
+    )
+    schedulers = [
+        torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in (ours, theirs)
+    ]
+    x = torch.randn(8, 6, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=generator)
+    for _ in range(3):
+        for model, optimizer in ((net, ours), (reference, theirs)):
+
+            def closure(model: nn.Module = model, optimizer: Any = optimizer) -> torch.Tensor:
+                optimizer.zero_grad()
+                loss = nn.CrossEntropyLoss()(model(x), y)
+                loss.backward()
+                return loss
+
+            if optimizer is theirs:
+                closure()
+                reg.penalty_grad_(reference)
+                theirs.step()
+            else:
+                assert isinstance(ours.step(closure), torch.Tensor)
+        for scheduler in schedulers:
+            scheduler.step()
+    for mine, expected in zip(net.parameters(), reference.parameters()):
+        torch.testing.assert_close(mine, expected, rtol=1e-12, atol=1e-14)
+    restored = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    restored.load_state_dict(ours.state_dict())  # the momentum buffers are torch's own format
+    for p in params:
+        assert torch.equal(restored.state[p]["momentum_buffer"], ours.state[p]["momentum_buffer"])
+
+
+def test_before_any_task_it_is_plain_sgd():
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3).double()
+    reference = copy.deepcopy(net)
+    ours = SGD(net.parameters(), lr=0.1, momentum=0.9, reg=EWC(10.0), model=net)
+    theirs = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    for model, optimizer in ((net, ours), (reference, theirs)):
+        model(x).square().sum().backward()
+        optimizer.step()
+    for mine, expected in zip(net.parameters(), reference.parameters()):
+        torch.testing.assert_close(mine, expected, rtol=1e-15, atol=1e-16)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"reg": "reg"}, TypeError, r"`reg`.*ewc\.EWC.*'reg'"),
+        ({"model": 3}, TypeError, r"`model`.*nn\.Module.*3"),
+        ({"lr": -1.0}, ValueError, r"-1\.0"),
+        ({"momentum": -0.5}, ValueError, r"-0\.5"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(kwargs: dict[str, Any], error: type, message: str):
+    net = nn.Linear(2, 2)
+    arguments = {"lr": 0.1, "reg": EWC(1.0), "model": net, **kwargs}
+    with pytest.raises(error, match=message):
+        SGD(net.parameters(), **arguments)
+
+
+def test_a_failed_build_names_the_optimizer(monkeypatch, tmp_path):
+    monkeypatch.setattr(ewc._fused, "_module", None)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    net = nn.Linear(2, 2)
+    with pytest.raises(
+        RuntimeError, match=r"(?s)ewc\.optim\.SGD: .*C\+\+ compiler.*penalty_grad_"
+    ) as caught:
+        SGD(net.parameters(), lr=0.1, reg=EWC(1.0), model=net)
+    assert caught.value.__cause__ is not None
+
+
+def test_a_pickled_optimizer_rebuilds_its_kernel_and_steps_alike():
+    import pickle
+
+    net, reg, generator = consolidated(torch.float64)
+    ours = SGD(
+        [p for p in net.parameters() if p.requires_grad], lr=0.1, momentum=0.9, reg=reg, model=net
+    )
+    x = torch.randn(8, 6, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=generator)
+    nn.CrossEntropyLoss()(net(x), y).backward()
+    ours.step()
+    net2, ours2 = pickle.loads(pickle.dumps((net, ours)))
+    assert ours2.model is net2 and ours2.reg.tasks == 2
+    for model, optimizer in ((net, ours), (net2, ours2)):
+        optimizer.zero_grad()
+        nn.CrossEntropyLoss()(model(x), y).backward()  # gradients are not pickled
+        optimizer.step()
+    for mine, theirs in zip(net.parameters(), net2.parameters()):
+        assert torch.equal(mine, theirs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -478,6 +479,91 @@ def test_bad_calls_name_the_argument_and_value_and_change_nothing(case: Case) ->
     # and the object still works on the original model
     value = reg.penalty(model_like(net))
     assert math.isfinite(float(value.detach())) and value.device.type == "cpu"
+
+
+# ---------------------------------------------------------------- penalty_grad_(scale=...)
+def with_scale(scale: Any) -> Callable[[EWC, nn.Sequential], Any]:
+    def act(reg: EWC, net: nn.Sequential) -> Any:
+        return reg.penalty_grad_(net, return_penalty=True, scale=scale)
+
+    return act
+
+
+SCALE_CASES = [
+    Case("scale-True", with_scale(True), TypeError, r"`scale` to be a float but got True"),
+    Case("scale-False", with_scale(False), TypeError, r"`scale` to be a float but got False"),
+    Case("scale-None", with_scale(None), TypeError, r"`scale` to be a float but got None"),
+    Case("scale-str", with_scale("1024"), TypeError, r"`scale` to be a float but got '1024'"),
+    Case(
+        "scale-tensor",
+        with_scale(torch.tensor(1024.0)),
+        TypeError,
+        r"`scale` to be a float but got tensor\(1024\.\)",
+    ),
+    Case(
+        "scale-nan", with_scale(math.nan), ValueError, r"`scale` to be finite and > 0 but got nan"
+    ),
+    Case(
+        "scale-inf", with_scale(math.inf), ValueError, r"`scale` to be finite and > 0 but got inf"
+    ),
+    Case(
+        "scale--inf",
+        with_scale(-math.inf),
+        ValueError,
+        r"`scale` to be finite and > 0 but got -inf",
+    ),
+    Case("scale-0.0", with_scale(0.0), ValueError, r"`scale` to be finite and > 0 but got 0\.0"),
+    Case("scale--0.0", with_scale(-0.0), ValueError, r"`scale` to be finite and > 0 but got -0\.0"),
+    Case("scale-int-0", with_scale(0), ValueError, r"`scale` to be finite and > 0 but got 0$"),
+    Case(
+        "scale-negative", with_scale(-1024.0), ValueError, r"`scale` to be finite and > 0.*-1024\.0"
+    ),
+    Case(
+        "scale-10**400",
+        with_scale(10**400),
+        ValueError,
+        r"`scale` to be finite and > 0 but got 1000000000.*too large for a float",
+    ),
+]
+
+
+def grads_of(net: nn.Module) -> list[Tensor | None]:
+    return [None if p.grad is None else p.grad.clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["default", "fused"])
+@pytest.mark.parametrize("case", SCALE_CASES, ids=[case.id for case in SCALE_CASES])
+def test_a_bad_scale_names_the_argument_and_value_and_changes_no_state_and_no_grad(
+    case: Case, fused: bool
+) -> None:
+    reg, net = consolidated()
+    if fused:  # the same state through the compiled kernel
+        if shutil.which("c++") is None or shutil.which("ninja") is None:
+            pytest.skip("EWC(fused=True) builds a C++ kernel: needs a C++ compiler and ninja")
+        fused_reg = EWC(2.0, keep_importance_data=True, fused=True)
+        fused_reg.load_state_dict(reg.state_dict())
+        reg = fused_reg
+    generator = torch.Generator().manual_seed(1)
+    for p in list(net.parameters())[:-1]:  # the last one keeps grad None
+        p.grad = torch.randn(p.shape, generator=generator)
+    before, grads = snapshot(reg), grads_of(net)
+    with pytest.raises(case.error, match=case.pattern):
+        case.action(reg, net)
+    assert_unchanged(reg, before)
+    for got, want in zip(grads_of(net), grads):
+        assert (got is None) == (want is None)
+        assert got is None or torch.equal(got, want)
+    assert reg.penalty_grad_(net, scale=2.0) is None  # and the object still works
+
+
+@pytest.mark.parametrize("reg", [EWC(1.0), EWC(0.0)], ids=["nothing-consolidated", "lambda-0"])
+def test_a_bad_scale_is_refused_even_when_there_is_nothing_to_add(reg: EWC) -> None:
+    if reg.ewc_lambda == 0.0:
+        reg.consolidate(model(), data(), nn.CrossEntropyLoss())
+    with pytest.raises(ValueError, match=r"`scale`.*-1\.0"):
+        reg.penalty_grad_(model(), scale=-1.0)
+    with pytest.raises(TypeError, match=r"`scale`.*True"):
+        reg.penalty_grad_(model(), return_penalty=True, scale=True)
 
 
 def model_like(net: nn.Sequential) -> nn.Sequential:

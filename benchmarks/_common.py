@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmark suites: timing, tables, output files, data and models."""
+"""Shared helpers for the benchmark suites: timing, tables, output files, plots, data, models."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ __all__ = [
     "median_ratio",
     "mlp",
     "permuted_digits",
+    "plot_lambda_curve",
     "progress",
     "small_cnn",
     "split_digits",
@@ -135,6 +136,62 @@ def write_json(path: Path, payload: Any) -> None:
         return value
 
     path.write_text(json.dumps(clean(payload), indent=2, allow_nan=False) + "\n")
+
+
+def plot_lambda_curve(
+    curve: Sequence[Row],
+    path: Path,
+    *,
+    methods: Iterable[str],
+    baseline: str,
+    baseline_label: str,
+    mean: str,
+    se: str,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    markersize: float | None = None,
+) -> None:
+    """A PNG of a λ curve: per method, ``mean`` ± ``se`` against ``lambda`` (log axis).
+
+    Args:
+        curve: rows with ``method``, ``lambda``, ``mean`` and ``se`` keys; each method's points
+            are drawn in order of λ.
+        path: the PNG written.
+        methods: the methods drawn as lines (mean, with a ±1 s.e. band).
+        baseline: the method drawn as a dotted horizontal line at its (first) ``mean``, labelled
+            ``baseline_label`` (the unregularised run).
+        mean, se: the keys of the value and of its standard error.
+        xlabel, ylabel, title: the axes' texts.
+        markersize: of the points; None: matplotlib's default.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    reference = next(c for c in curve if c["method"] == baseline)
+    ax.axhline(reference[mean], color="grey", linestyle=":", label=baseline_label)
+    marker: dict[str, Any] = {} if markersize is None else {"markersize": markersize}
+    for method in methods:
+        mine = sorted((c for c in curve if c["method"] == method), key=lambda c: c["lambda"])
+        lams = [c["lambda"] for c in mine]
+        means = [c[mean] for c in mine]
+        ses = [c[se] for c in mine]
+        ax.plot(lams, means, marker="o", label=method, **marker)
+        ax.fill_between(
+            lams,
+            [m - s for m, s in zip(means, ses)],
+            [m + s for m, s in zip(means, ses)],
+            alpha=0.2,
+        )
+    ax.set(xscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------- models

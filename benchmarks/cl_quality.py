@@ -38,6 +38,7 @@ from benchmarks._common import (
     mean_and_stderr,
     mlp,
     permuted_digits,
+    plot_lambda_curve,
     progress,
     split_digits,
 )
@@ -311,31 +312,24 @@ def run(mode: str, out: Path) -> dict[str, list[Row]]:
 
 
 def _plot(curve: list[Row], path: Path, config: dict[str, Any]) -> None:
-    import matplotlib
+    title = f"Split Digits, task-incremental, online EWC ({config['seeds']} seeds, ±1 s.e.)"
+    _plot_estimators(curve, path, title)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    none = next(c for c in curve if c["method"] == NONE)
-    ax.axhline(none["accuracy_mean"], color="grey", linestyle=":", label="none (fine-tuning)")
-    for method in ESTIMATORS:
-        mine = [c for c in curve if c["method"] == method]
-        lams = [c["lambda"] for c in mine]
-        mean = [c["accuracy_mean"] for c in mine]
-        se = [c["accuracy_se"] for c in mine]
-        ax.plot(lams, mean, marker="o", label=method)
-        ax.fill_between(
-            lams, [m - s for m, s in zip(mean, se)], [m + s for m, s in zip(mean, se)], alpha=0.2
-        )
-    ax.set(
-        xscale="log",
+def _plot_estimators(
+    curve: list[Row], path: Path, title: str, *, markersize: float | None = None
+) -> None:
+    """Accuracy against λ per estimator, fine-tuning as the baseline (also ``mnist1d``'s plot)."""
+    plot_lambda_curve(
+        curve,
+        path,
+        methods=ESTIMATORS,
+        baseline=NONE,
+        baseline_label="none (fine-tuning)",
+        mean="accuracy_mean",
+        se="accuracy_se",
         xlabel="λ (paper's convention; ewc_lambda = λ/2)",
         ylabel="average accuracy over 5 tasks (%)",
-        title=f"Split Digits, task-incremental, online EWC ({config['seeds']} seeds, ±1 s.e.)",
+        title=title,
+        markersize=markersize,
     )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

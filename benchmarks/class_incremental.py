@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks._avalanche_shim import _define_torchvision_schemas
-from benchmarks._common import Row, mean_and_stderr, progress
+from benchmarks._common import Row, mean_and_stderr, plot_lambda_curve, progress
 from benchmarks.cl_quality import _batches, _train_task
 from benchmarks.mnist1d_quality import cnn1d_body, mnist1d
 from ewc import EWC
@@ -300,34 +300,17 @@ def run(mode: str, out: Path) -> dict[str, list[Row]]:
 
 
 def _plot(curve: list[Row], path: Path, config: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    base = next(c for c in curve if c["method"] == FINE_TUNING)
-    ax.axhline(base["A_last_%"], color="grey", linestyle=":", label=FINE_TUNING)
-    for method, spec in METHODS.items():
-        if spec is None:
-            continue
-        mine = [c for c in curve if c["method"] == method]
-        lams = [c["lambda"] for c in mine]
-        mean = [c["A_last_%"] for c in mine]
-        se = [c["A_last_se"] for c in mine]
-        ax.plot(lams, mean, marker="o", markersize=3, label=method)
-        ax.fill_between(
-            lams, [m - s for m, s in zip(mean, se)], [m + s for m, s in zip(mean, se)], alpha=0.2
-        )
-    ax.set(
-        xscale="log",
+    plot_lambda_curve(
+        curve,
+        path,
+        methods=[method for method, spec in METHODS.items() if spec is not None],
+        baseline=FINE_TUNING,
+        baseline_label=FINE_TUNING,
+        mean="A_last_%",
+        se="A_last_se",
         xlabel="ewc_lambda (Avalanche's scale)",
         ylabel="A_last: accuracy over all 10 classes (%)",
         title=f"Class-incremental MNIST-1D, exemplar-free, growing head "
         f"({config['seeds']} seeds, ±1 s.e.)",
+        markersize=3,
     )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -31,7 +31,13 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks._common import SPLIT_PAIRS, Row, Task, progress
-from benchmarks.cl_quality import ESTIMATORS, NONE, _summarise, sequential_run
+from benchmarks.cl_quality import (
+    ESTIMATORS,
+    NONE,
+    _plot_estimators,
+    _summarise,
+    sequential_run,
+)
 from ewc import EWC
 
 __all__ = ["CONFIGS", "MultiHeadCNN1d", "cnn1d_body", "mnist1d", "run", "split_mnist1d"]
@@ -221,35 +227,10 @@ def run(mode: str, out: Path) -> dict[str, list[Row]]:
 
 
 def _plot(curve: list[Row], path: Path, config: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    none = next(c for c in curve if c["method"] == NONE)
-    ax.axhline(none["accuracy_mean"], color="grey", linestyle=":", label="none (fine-tuning)")
-    for method in ESTIMATORS:
-        mine = sorted((c for c in curve if c["method"] == method), key=lambda c: c["lambda"])
-        lams = [c["lambda"] for c in mine]
-        mean = [c["accuracy_mean"] for c in mine]
-        se = [c["accuracy_se"] for c in mine]
-        ax.plot(lams, mean, marker="o", markersize=3, label=method)
-        ax.fill_between(
-            lams, [m - s for m, s in zip(mean, se)], [m + s for m, s in zip(mean, se)], alpha=0.2
-        )
-    ax.set(
-        xscale="log",
-        xlabel="λ (paper's convention; ewc_lambda = λ/2)",
-        ylabel="average accuracy over 5 tasks (%)",
-        title=f"Split MNIST-1D, task-incremental, online EWC, 1-D CNN "
-        f"({config['seeds']} seeds, ±1 s.e.)",
+    title = (
+        f"Split MNIST-1D, task-incremental, online EWC, 1-D CNN ({config['seeds']} seeds, ±1 s.e.)"
     )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _plot_estimators(curve, path, title, markersize=3)
 
 
 def main() -> None:

@@ -245,14 +245,17 @@ class AlignedState:
         self,
         ewc_lambda: float,
         *,
+        scale: float = 1.0,
         return_penalty: bool = False,
         fused_kernel: FusedKernel | None = None,
     ) -> Tensor | None:
-        """``p.grad += 2 ewc_lambda A (theta - m)`` on every trainable aligned block.
+        """``p.grad += scale * 2 ewc_lambda A (theta - m)`` on every trainable aligned block.
 
-        A ``.grad`` that is None is created as zeros; a sparse one is refused. With
+        A ``.grad`` that is None is created as zeros; a sparse one is refused. ``scale`` (an fp16
+        loss scale, checked by the caller) multiplies the gradient only. With
         ``return_penalty``, also the penalty's value (float64, no graph; frozen parameters and
-        the constant included) from the same pass. Cost: O(P), no parameter-sized allocation.
+        the constant included; not multiplied by ``scale``) from the same pass. Cost: O(P), no
+        parameter-sized allocation.
 
         Raises:
             TypeError: a parameter has a sparse gradient (``nn.Embedding(sparse=True)``).
@@ -285,6 +288,7 @@ class AlignedState:
             self._trainable_importances,
             self._trainable_centres,
             ewc_lambda,
+            scale=scale,
             workspace=self._workspace,
             return_quadratic=return_penalty,
             fused_kernel=fused_kernel,

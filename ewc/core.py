@@ -334,8 +334,11 @@ class EWC:
             return torch.zeros((), device=first.device if first is not None else None)
         return self._bind(model).penalty(self.ewc_lambda)
 
-    def penalty_grad_(self, model: nn.Module, *, return_penalty: bool = False) -> Tensor | None:
-        """Add ``d penalty / d theta = 2 * ewc_lambda * A * (theta - m)`` to each ``p.grad``.
+    def penalty_grad_(
+        self, model: nn.Module, *, return_penalty: bool = False, scale: float = 1.0
+    ) -> Tensor | None:
+        """Add ``scale * d penalty / d theta = scale * 2 * ewc_lambda * A * (theta - m)`` to each
+        ``p.grad``.
 
         No autograd graph and no parameter-sized allocation per call (see
         :func:`ewc.penalty.add_penalty_grad_`; a ``.grad`` that is None is created as zeros,
@@ -345,20 +348,46 @@ class EWC:
             model: the model (DDP/FSDP2-wrapped models are accepted).
             return_penalty: also return the penalty's value (detached, float64), computed from
                 the same pass; what loggers want, at a fraction of a separate :meth:`penalty`.
+            scale: multiplies the gradient added, not the returned value: under fp16 loss
+                scaling, the ``GradScaler``'s scale (``scaler.get_scale()``), so that the penalty
+                gradient lands on the scaled gradients as if the penalty were in the scaled loss.
+                A finite float > 0; a power of two (as ``GradScaler`` uses) gives, on zero
+                gradients, exactly ``scale`` times what ``scale=1`` adds.
 
         Returns:
-            None, or with ``return_penalty=True`` the value of :meth:`penalty`.
+            None, or with ``return_penalty=True`` the value of :meth:`penalty` (unscaled).
 
         Raises:
-            TypeError: ``model`` is not an ``nn.Module``, or a parameter has a sparse gradient
-                (not supported: add :meth:`penalty` to the loss instead).
+            TypeError: ``model`` is not an ``nn.Module``, ``scale`` is not a real number (a bool
+                included), or a parameter has a sparse gradient (not supported: add
+                :meth:`penalty` to the loss instead).
+            ValueError: ``scale`` is not finite or not > 0; no gradient is changed.
             ParameterMismatchError: as :meth:`penalty`.
+
+        Example:
+            >>> import torch
+            >>> from torch import nn
+            >>> from ewc import EWC
+            >>> model = nn.Linear(2, 1)
+            >>> reg = EWC(ewc_lambda=1.0)
+            >>> reg.add_task({"weight": torch.ones(1, 2), "bias": torch.ones(1)},
+            ...              {"weight": torch.zeros(1, 2), "bias": torch.zeros(1)})
+            >>> with torch.no_grad():
+            ...     _ = model.weight.fill_(0.5), model.bias.fill_(0.0)
+            >>> float(reg.penalty_grad_(model, return_penalty=True, scale=1024.0))
+            0.5
+            >>> model.weight.grad.tolist()  # 1024 * 2 * 1.0 * 1 * (0.5 - 0)
+            [[1024.0, 1024.0]]
         """
         _check_module(model)
+        scale = _check_scale(scale)
         if self._state.tasks == 0 or self.ewc_lambda == 0.0:
             return torch.zeros((), dtype=torch.float64) if return_penalty else None
         return self._bind(model).add_penalty_grad_(
-            self.ewc_lambda, return_penalty=return_penalty, fused_kernel=self._fused_kernel
+            self.ewc_lambda,
+            scale=scale,
+            return_penalty=return_penalty,
+            fused_kernel=self._fused_kernel,
         )
 
     # ------------------------------------------------------------------ (de)serialisation
@@ -430,17 +459,26 @@ def _built_kernel() -> FusedKernel:
 
 
 def _check_lambda(value: Any) -> float:
+    return _finite_float(value, "ewc_lambda", "finite and >= 0", lambda number: number >= 0)
+
+
+def _check_scale(value: Any) -> float:
+    return _finite_float(value, "scale", "finite and > 0", lambda number: number > 0)
+
+
+def _finite_float(value: Any, name: str, expected: str, valid: Callable[[float], bool]) -> float:
+    """``value`` as a float if it is a real number (``bool`` excluded), finite and ``valid``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"Expected argument `ewc_lambda` to be a float but got {_short(value)}")
+        raise TypeError(f"Expected argument `{name}` to be a float but got {_short(value)}")
     try:
         number = float(value)
     except OverflowError:
         raise ValueError(
-            f"Expected argument `ewc_lambda` to be finite and >= 0 but got {_short(value)}, "
+            f"Expected argument `{name}` to be {expected} but got {_short(value)}, "
             "too large for a float"
         ) from None
-    if not math.isfinite(number) or number < 0:
-        raise ValueError(f"Expected argument `ewc_lambda` to be finite and >= 0 but got {value!r}")
+    if not math.isfinite(number) or not valid(number):
+        raise ValueError(f"Expected argument `{name}` to be {expected} but got {value!r}")
     return number
 
 

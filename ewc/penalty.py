@@ -123,20 +123,24 @@ def add_penalty_grad_(
     centres: Sequence[Tensor],
     ewc_lambda: float,
     *,
+    scale: float = 1.0,
     workspace: Tensor | None = None,
     block_elements: int = CPU_BLOCK_ELEMENTS,
     small_elements: int = CPU_SMALL_ELEMENTS,
     return_quadratic: bool = False,
     fused_kernel: FusedKernel | None = None,
 ) -> Tensor | None:
-    """In place, ``grad += 2 * ewc_lambda * A * (theta - m)`` for aligned lists, no autograd.
+    """In place, ``grad += scale * 2 * ewc_lambda * A * (theta - m)`` for aligned lists.
 
-    ``grads[k]``/``params[k]`` are the leading blocks matching ``importances[k]``. The difference
-    is taken before multiplying, so there is no cancellation when theta is close to m.
+    No autograd. ``grads[k]``/``params[k]`` are the leading blocks matching ``importances[k]``.
+    The difference is taken before multiplying, so there is no cancellation when theta is close
+    to m. ``scale`` (an fp16 loss scale) multiplies the gradient only: it enters as the one factor
+    ``2 * ewc_lambda * scale`` of the multiply-add, so a power-of-two ``scale`` adds to zero
+    gradients exactly ``scale`` times what ``scale=1`` adds (barring overflow and underflow).
 
     * CPU: per block of ``block_elements``, ``workspace = theta - m`` (``out=``) then
-      ``grad += 2 lambda A workspace`` (``addcmul_``) while the block is still in cache: memory
-      traffic of one fused pass (read theta, m, A, grad; write grad), no allocation.
+      ``grad += 2 lambda scale A workspace`` (``addcmul_``) while the block is still in cache:
+      memory traffic of one fused pass (read theta, m, A, grad; write grad), no allocation.
       ``workspace`` is a 1-D buffer of at least ``min(block_elements, largest numel)`` elements
       in the state's dtype; without one (or for non-contiguous blocks of grown parameters, or a
       gradient dtype other than the state's, e.g. bfloat16) the tensor is done unblocked.
@@ -147,19 +151,19 @@ def add_penalty_grad_(
     * Other devices: two fused multi-tensor kernels (``torch._foreach_sub``,
       ``torch._foreach_addcmul_``); the temporaries come from the caching allocator.
 
-    With ``return_quadratic=True`` it also returns ``sum A (theta - m)^2`` (float64 scalar), taken
-    from the differences already in hand (on CPU while the block is in cache): the penalty's value
-    for logging without a second pass over the parameters.
+    With ``return_quadratic=True`` it also returns ``sum A (theta - m)^2`` (float64 scalar, not
+    multiplied by ``scale``), taken from the differences already in hand (on CPU while the block
+    is in cache): the penalty's value for logging without a second pass over the parameters.
 
     Cost: O(P) time; O(block) extra memory on CPU.
     """
     quadratic = torch.zeros((), dtype=torch.float64) if return_quadratic else None
     if not grads:
         return quadratic
-    scale = 2.0 * ewc_lambda
+    factor = 2.0 * ewc_lambda * scale
     same_dtype = all(grad.dtype == a.dtype for grad, a in zip(grads, importances))
     if grads[0].device.type != "cpu" and same_dtype:
-        return _multi_tensor_pass(grads, params, importances, centres, scale, return_quadratic)
+        return _multi_tensor_pass(grads, params, importances, centres, factor, return_quadratic)
     small: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]] = ([], [], [], [])
     for grad, param, importance, centre in zip(grads, params, importances, centres):
         same = grad.dtype == importance.dtype == param.dtype
@@ -167,15 +171,15 @@ def add_penalty_grad_(
             for part, tensor in zip(small, (grad, param, importance, centre)):
                 part.append(tensor)
         elif fused_kernel is not None and same and grad.device.type == "cpu":
-            value = fused_kernel(grad, importance, param, centre, scale, return_quadratic)
+            value = fused_kernel(grad, importance, param, centre, factor, return_quadratic)
             if quadratic is not None:
                 quadratic += value
         else:
             _one_tensor_pass(
-                grad, param, importance, centre, scale, workspace, block_elements, quadratic
+                grad, param, importance, centre, factor, workspace, block_elements, quadratic
             )
     if small[0]:
-        term = _multi_tensor_pass(*small, scale, return_quadratic)
+        term = _multi_tensor_pass(*small, factor, return_quadratic)
         if quadratic is not None and term is not None:
             quadratic += term
     return quadratic

@@ -321,21 +321,9 @@ class EWCTrainer(EWCTrainerMixin, Trainer):
 
 
 def _penalty_grad(reg: EWC, model: nn.Module, scale: float, return_penalty: bool) -> Tensor | None:
-    """``reg.penalty_grad_`` with the gradient multiplied by ``scale`` (the fp16 loss scale).
-
-    The penalty is linear in ``ewc_lambda``, so the scaled gradient is the gradient at
-    ``scale * ewc_lambda`` (exact for the power-of-two scales of ``GradScaler``); the value
-    returned is the unscaled penalty.
-    """
-    if scale == 1.0:
-        return reg.penalty_grad_(model, return_penalty=return_penalty)
-    strength = reg.ewc_lambda
-    reg.ewc_lambda = strength * scale
-    try:
-        value = reg.penalty_grad_(model, return_penalty=return_penalty)
-    finally:
-        reg.ewc_lambda = strength
-    return None if value is None else value / scale
+    """``reg.penalty_grad_`` with the gradient multiplied by ``scale`` (the fp16 loss scale);
+    the value returned is the unscaled penalty."""
+    return reg.penalty_grad_(model, return_penalty=return_penalty, scale=scale)
 
 
 def _last_checkpoint(output_dir: str) -> str | None:

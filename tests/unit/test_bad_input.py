@@ -1,9 +1,10 @@
-"""Bad input to the EWC object: a clear error naming the argument or key and the value, and the
-consolidated state bit for bit as it was (every tensor of ``state_dict()``, dtype and device).
+"""Bad input: a clear error naming the argument or key and the value, and the consolidated state
+bit for bit as it was (every tensor of ``state_dict()``, dtype and device).
 
 Each case is ``(action, exception type, pattern)``; the pattern must match the message and names
-both the argument/key and the offending value. Data-level cases (labels, outputs, empty batches)
-live in ``test_bad_input_data.py``.
+both the argument/key and the offending value. The EWC-level cases (calls, ``scale``, the
+constructor, damaged state dicts) come first, then the data-level ones (labels, outputs,
+criteria, empty batches), each run with every estimator it applies to.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import copy
 import io
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -22,15 +24,23 @@ from torch import Tensor, nn
 from ewc import (
     EWC,
     ConsolidationError,
+    EWCError,
     FisherSums,
     ParameterMismatchError,
     StateDictError,
+    UnsupportedCriterionError,
+    fisher_sums,
 )
 
 
-def data(n: int = 12, batch: int = 4, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
+def one_batch(n: int = 4, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``n`` examples of 4 features and labels in ``range(3)`` (``n = 0``: an empty batch)."""
     generator = torch.Generator().manual_seed(seed)
-    x, y = torch.randn(n, 4, generator=generator), torch.randint(0, 3, (n,), generator=generator)
+    return torch.randn(n, 4, generator=generator), torch.randint(0, 3, (n,), generator=generator)
+
+
+def data(n: int = 12, batch: int = 4, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
+    x, y = one_batch(n, seed)
     return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
 
 
@@ -480,6 +490,91 @@ def test_bad_calls_name_the_argument_and_value_and_change_nothing(case: Case) ->
     assert math.isfinite(float(value.detach())) and value.device.type == "cpu"
 
 
+# ---------------------------------------------------------------- penalty_grad_(scale=...)
+def with_scale(scale: Any) -> Callable[[EWC, nn.Sequential], Any]:
+    def act(reg: EWC, net: nn.Sequential) -> Any:
+        return reg.penalty_grad_(net, return_penalty=True, scale=scale)
+
+    return act
+
+
+SCALE_CASES = [
+    Case("scale-True", with_scale(True), TypeError, r"`scale` to be a float but got True"),
+    Case("scale-False", with_scale(False), TypeError, r"`scale` to be a float but got False"),
+    Case("scale-None", with_scale(None), TypeError, r"`scale` to be a float but got None"),
+    Case("scale-str", with_scale("1024"), TypeError, r"`scale` to be a float but got '1024'"),
+    Case(
+        "scale-tensor",
+        with_scale(torch.tensor(1024.0)),
+        TypeError,
+        r"`scale` to be a float but got tensor\(1024\.\)",
+    ),
+    Case(
+        "scale-nan", with_scale(math.nan), ValueError, r"`scale` to be finite and > 0 but got nan"
+    ),
+    Case(
+        "scale-inf", with_scale(math.inf), ValueError, r"`scale` to be finite and > 0 but got inf"
+    ),
+    Case(
+        "scale--inf",
+        with_scale(-math.inf),
+        ValueError,
+        r"`scale` to be finite and > 0 but got -inf",
+    ),
+    Case("scale-0.0", with_scale(0.0), ValueError, r"`scale` to be finite and > 0 but got 0\.0"),
+    Case("scale--0.0", with_scale(-0.0), ValueError, r"`scale` to be finite and > 0 but got -0\.0"),
+    Case("scale-int-0", with_scale(0), ValueError, r"`scale` to be finite and > 0 but got 0$"),
+    Case(
+        "scale-negative", with_scale(-1024.0), ValueError, r"`scale` to be finite and > 0.*-1024\.0"
+    ),
+    Case(
+        "scale-10**400",
+        with_scale(10**400),
+        ValueError,
+        r"`scale` to be finite and > 0 but got 1000000000.*too large for a float",
+    ),
+]
+
+
+def grads_of(net: nn.Module) -> list[Tensor | None]:
+    return [None if p.grad is None else p.grad.clone() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["default", "fused"])
+@pytest.mark.parametrize("case", SCALE_CASES, ids=[case.id for case in SCALE_CASES])
+def test_a_bad_scale_names_the_argument_and_value_and_changes_no_state_and_no_grad(
+    case: Case, fused: bool
+) -> None:
+    reg, net = consolidated()
+    if fused:  # the same state through the compiled kernel
+        if shutil.which("c++") is None or shutil.which("ninja") is None:
+            pytest.skip("EWC(fused=True) builds a C++ kernel: needs a C++ compiler and ninja")
+        fused_reg = EWC(2.0, keep_importance_data=True, fused=True)
+        fused_reg.load_state_dict(reg.state_dict())
+        reg = fused_reg
+    generator = torch.Generator().manual_seed(1)
+    for p in list(net.parameters())[:-1]:  # the last one keeps grad None
+        p.grad = torch.randn(p.shape, generator=generator)
+    before, grads = snapshot(reg), grads_of(net)
+    with pytest.raises(case.error, match=case.pattern):
+        case.action(reg, net)
+    assert_unchanged(reg, before)
+    for got, want in zip(grads_of(net), grads):
+        assert (got is None) == (want is None)
+        assert got is None or torch.equal(got, want)
+    assert reg.penalty_grad_(net, scale=2.0) is None  # and the object still works
+
+
+@pytest.mark.parametrize("reg", [EWC(1.0), EWC(0.0)], ids=["nothing-consolidated", "lambda-0"])
+def test_a_bad_scale_is_refused_even_when_there_is_nothing_to_add(reg: EWC) -> None:
+    if reg.ewc_lambda == 0.0:
+        reg.consolidate(model(), data(), nn.CrossEntropyLoss())
+    with pytest.raises(ValueError, match=r"`scale`.*-1\.0"):
+        reg.penalty_grad_(model(), scale=-1.0)
+    with pytest.raises(TypeError, match=r"`scale`.*True"):
+        reg.penalty_grad_(model(), return_penalty=True, scale=True)
+
+
 def model_like(net: nn.Sequential) -> nn.Sequential:
     """The consolidated architecture with ``net``'s weights (``net`` may be frozen now)."""
     fresh = model()
@@ -792,3 +887,176 @@ def test_state_dict_returns_copies_not_live_tensors() -> None:
         assert tensor.untyped_storage().data_ptr() not in pointers
         tensor.fill_(-1.0)
     assert_unchanged(reg, before)
+
+
+# ---------------------------------------------------------------- data, outputs and criteria
+def one_task(estimator: str) -> tuple[EWC, nn.Sequential]:
+    """One task consolidated with ``estimator`` on one batch."""
+    net = model()
+    reg = EWC(1.0, fisher=estimator)
+    reg.consolidate(net, [one_batch()], nn.CrossEntropyLoss())
+    return reg, net
+
+
+@dataclass
+class DataCase:
+    id: str
+    estimators: tuple[str, ...]
+    error: type[Exception]
+    match: str
+    batches: Callable[[], list] = lambda: [one_batch()]
+    criterion: Any = field(default_factory=nn.CrossEntropyLoss)
+    forward: Any = None
+
+
+def labels(values: list[int]) -> list:
+    x, _ = one_batch(len(values))
+    return [(x, torch.tensor(values))]
+
+
+def detached(model: nn.Module, batch: Any) -> tuple[Tensor, Any]:
+    return model(batch[0]).detach(), batch[1]
+
+
+def without_grad(model: nn.Module, batch: Any) -> tuple[Tensor, Any]:
+    with torch.no_grad():
+        return model(batch[0]), batch[1]
+
+
+def integer_output(model: nn.Module, batch: Any) -> tuple[Tensor, Any]:
+    return (model(batch[0]) * 100).long(), batch[1]
+
+
+def three_tuple(model: nn.Module, batch: Any) -> tuple:
+    return model(batch[0]), batch[1], None
+
+
+def scalar_output(model: nn.Module, batch: Any) -> tuple[Tensor, Any]:
+    return model(batch[0]).sum(), batch[1]
+
+
+def vector_output(model: nn.Module, batch: Any) -> tuple[Tensor, Any]:
+    return model(batch[0])[:, 0], batch[1]
+
+
+ALL = ("exact", "sample", "empirical", "batched")
+PER_EXAMPLE = ("exact", "sample", "empirical")
+DATA_CASES = [
+    DataCase("only-empty-batches", ALL, ConsolidationError, "no examples",
+             batches=lambda: [one_batch(0), one_batch(0)]),
+    DataCase("label-minus-one", ("empirical",), ConsolidationError,
+             r"target \(label\) -1 is out of range for 3 classes",
+             batches=lambda: labels([0, -1, 2])),
+    DataCase("label-too-large", ("empirical",), ConsolidationError,
+             r"target \(label\) 3 is out of range for 3 classes",
+             batches=lambda: labels([0, 3, 2])),
+    DataCase("output-detached", ALL, ConsolidationError, r"without an autograd graph.*detach",
+             forward=detached),
+    DataCase("forward-under-no-grad", ALL, ConsolidationError,
+             r"without an autograd graph.*no_grad", forward=without_grad),
+    DataCase("integer-output", ALL, ConsolidationError, r"output of dtype torch\.int64",
+             forward=integer_output),
+    DataCase("forward-returns-three", ALL, ConsolidationError,
+             r"pair \(output, target\); got a tuple of length 3", forward=three_tuple),
+    DataCase("output-0d", ALL, ConsolidationError, r"0-d output", forward=scalar_output),
+    DataCase("output-1d-categorical", PER_EXAMPLE, ConsolidationError,
+             r"output of shape \(4,\) has 1 dimension", forward=vector_output),
+    DataCase("labels-wrong-length", ALL, ConsolidationError,
+             r"target \(labels\) has 3 entries.*output has 4 examples",
+             batches=lambda: [(one_batch()[0], one_batch()[1][:3])]),
+    DataCase("criterion-none", ALL, UnsupportedCriterionError,
+             r"`criterion` is None.*Sequential", criterion=None),
+    DataCase("reduction-none-batched", ("batched",), UnsupportedCriterionError,
+             r"scalar loss.*got \(4,\).*`reduction`='none'",
+             criterion=nn.CrossEntropyLoss(reduction="none")),
+    DataCase("empirical-without-targets", ("empirical",), ConsolidationError, r"needs targets",
+             batches=lambda: [one_batch()[0]]),
+]  # fmt: skip
+DATA_GRID = [(case, estimator) for case in DATA_CASES for estimator in case.estimators]
+
+
+@pytest.mark.parametrize(
+    ("case", "estimator"), DATA_GRID, ids=[f"{c.id}-{e}" for c, e in DATA_GRID]
+)
+def test_bad_data_is_a_clear_error_and_leaves_the_state_unchanged(case: DataCase, estimator: str):
+    reg, net = one_task(estimator)
+    before = snapshot(reg)
+    with pytest.raises(case.error, match=case.match):
+        reg.consolidate(net, case.batches(), case.criterion, forward=case.forward)
+    assert reg.tasks == 1
+    assert_unchanged(reg, before)
+
+
+@pytest.mark.parametrize("estimator", ALL)
+def test_an_empty_batch_in_the_middle_is_skipped(estimator: str):
+    net = model()
+    (x1, y1), (x2, y2) = one_batch(4, seed=1), one_batch(3, seed=2)
+    empty = (x1[:0], y1[:0])
+    torch.manual_seed(5)
+    with_empty = EWC(1.0, fisher=estimator)
+    report = with_empty.consolidate(net, [(x1, y1), empty, (x2, y2)], nn.CrossEntropyLoss())
+    torch.manual_seed(5)
+    without = EWC(1.0, fisher=estimator)
+    without.consolidate(net, [(x1, y1), (x2, y2)], nn.CrossEntropyLoss())
+    assert report.examples == 7 and report.batches == 2
+    for name, value in without.state.importance.items():
+        assert torch.equal(with_empty.state.importance[name], value), name
+
+
+def test_a_misspelt_estimator_names_the_argument_and_the_valid_names():
+    net = model()
+    with pytest.raises(ValueError, match=r"`estimator`.*'exact', 'sample'.*'exakt'"):
+        fisher_sums(net, dict(net.named_parameters()), [one_batch()], nn.CrossEntropyLoss(),
+                    estimator="exakt")  # fmt: skip
+    from ewc.fisher import check_estimator
+
+    assert check_estimator("sample") == "sample"
+    with pytest.raises(ValueError, match=r"`fisher`.*None"):
+        check_estimator(None)
+
+
+def failing_loader(error: Exception) -> Iterator:
+    """A one-shot loader (a generator): one batch, then ``error``."""
+    yield one_batch()
+    raise error
+
+
+@pytest.mark.parametrize("max_samples", [None, 6])
+def test_a_loaders_error_propagates_and_is_not_called_a_max_samples_problem(max_samples):
+    net = model()
+    with pytest.raises(ValueError, match="shard 3 is corrupt") as info:
+        fisher_sums(
+            net,
+            dict(net.named_parameters()),
+            failing_loader(ValueError("shard 3 is corrupt")),
+            nn.CrossEntropyLoss(),
+            estimator="empirical",
+            max_samples=max_samples,
+        )
+    assert not isinstance(info.value, EWCError)  # user code's error: the core wraps it
+    reg = EWC(1.0, fisher="empirical", max_samples=max_samples)
+    with pytest.raises((ValueError, ConsolidationError)) as info:
+        reg.consolidate(net, failing_loader(ValueError("shard 3 is corrupt")),
+                        nn.CrossEntropyLoss())  # fmt: skip
+    assert "max_samples" not in str(info.value)
+    original = info.value if not isinstance(info.value, EWCError) else info.value.__cause__
+    assert isinstance(original, ValueError) and "shard 3 is corrupt" in str(original)
+    assert reg.tasks == 0
+
+
+def test_a_batch_that_cannot_be_cut_is_a_max_samples_error():
+    net = model()
+    with pytest.raises(ConsolidationError, match=r"max_samples=2.*type str"):
+        fisher_sums(net, dict(net.named_parameters()), ["not a tensor batch"],
+                    nn.CrossEntropyLoss(), estimator="empirical", max_samples=2,
+                    forward=lambda m, b: (m(torch.zeros(1, 4)), None))  # fmt: skip
+
+
+def test_errors_from_the_forward_propagate_unwrapped_from_fisher_sums():
+    def broken(model: nn.Module, batch: Any) -> tuple[Tensor, Any]:
+        raise TypeError("the user's forward is broken")
+
+    net = model()
+    with pytest.raises(TypeError, match="the user's forward is broken"):
+        fisher_sums(net, dict(net.named_parameters()), [one_batch()], nn.CrossEntropyLoss(),
+                    estimator="exact", forward=broken)  # fmt: skip

@@ -94,6 +94,30 @@ def test_fused_and_default_paths_give_identical_gradients(kernel, dtype):
     assert got == pytest.approx(float(default.penalty(net).detach()), rel=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_scale_multiplies_the_gradient_not_the_value(kernel, dtype):
+    """``penalty_grad_(scale=s)`` through the kernel: exactly ``s`` times for a power of two,
+    to rounding otherwise; the returned penalty is the unscaled one."""
+    generator = torch.Generator().manual_seed(6)
+    net = wide(dtype)
+    reg, _ = consolidated(net, True, generator)
+
+    def added(**kwargs) -> tuple[list[torch.Tensor], torch.Tensor]:
+        net.zero_grad(set_to_none=True)
+        value = reg.penalty_grad_(net, return_penalty=True, **kwargs)
+        assert value is not None
+        return [p.grad.clone() for p in net.parameters()], value
+
+    plain, plain_value = added()
+    exact, exact_value = added(scale=1024.0)
+    rounded, rounded_value = added(scale=1000.3)
+    assert torch.equal(exact_value, plain_value) and torch.equal(rounded_value, plain_value)
+    rtol = 1e-6 if dtype == torch.float32 else 1e-14
+    for want, got_exact, got_rounded in zip(plain, exact, rounded):
+        assert torch.equal(got_exact, want * 1024.0)
+        torch.testing.assert_close(got_rounded, want * 1000.3, rtol=rtol, atol=0.0)
+
+
 def test_fused_penalty_value_and_frozen_parameters(kernel):
     generator = torch.Generator().manual_seed(2)
     net = wide(torch.float64)

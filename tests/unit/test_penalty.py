@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from ewc import EWC
-from ewc.penalty import add_penalty_grad_, merge_separate, pad_to
+from ewc.penalty import CPU_SMALL_ELEMENTS, add_penalty_grad_, merge_separate, pad_to
 from ewc.store import ConsolidatedState
 
 
@@ -140,21 +140,23 @@ def test_zero_fisher_entries_take_the_anchor_and_add_nothing():
     assert float(delta) == 0.0
 
 
+@pytest.mark.parametrize("scale", [1.0, 3.0])
 @pytest.mark.parametrize("mode, decay", [("separate", None), ("online", 0.7)])
-def test_penalty_grad_equals_autograd_of_penalty(mode, decay):
+def test_penalty_grad_equals_autograd_of_penalty(mode, decay, scale):
+    """``g + scale * dP/dtheta``: what backward of ``scale * P`` adds to existing gradients."""
     generator = torch.Generator().manual_seed(3)
     shapes = {"0.weight": (4, 3), "0.bias": (4,)}
     tasks = [random_task(shapes, generator, -2, 2, dtype=torch.float64) for _ in range(4)]
     model = nn.Sequential(nn.Linear(3, 4)).double()
     reg = EWC(2.5, mode=mode, decay_factor=decay)
     reg._set_state(collapse(tasks, mode, decay))
-    expected = torch.autograd.grad(reg.penalty(model), list(model.parameters()))
+    expected = torch.autograd.grad(reg.penalty(model) * scale, list(model.parameters()))
     existing = [
         torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in model.parameters()
     ]
     for p, g in zip(model.parameters(), existing):
         p.grad = g.clone()
-    reg.penalty_grad_(model)
+    reg.penalty_grad_(model, scale=scale)
     for p, g, e in zip(model.parameters(), existing, expected):
         torch.testing.assert_close(p.grad, g + e, rtol=1e-12, atol=1e-12)
 
@@ -336,6 +338,118 @@ def test_blocked_quadratic_equals_the_penalty_sum(block):
     )
     expected = sum((a * (p - m).square()).sum() for p, a, m in zip(params, importances, centres))
     torch.testing.assert_close(quadratic, expected, rtol=1e-13, atol=0.0)
+
+
+# ---------------------------------------------------------------- scale (the fp16 loss scale)
+def scaled_paths_operands(generator: torch.Generator):
+    """Operands for every CPU path of ``add_penalty_grad_``: float32 tensors of at most ``small``
+    elements (multi-tensor; with ``small=24`` the strided one too), contiguous ones above it
+    (blocked), a non-contiguous block of a grown parameter and a bfloat16 gradient (unblocked)."""
+    shapes = [(5, 6), (30,), (2, 3, 4), (4, 3), (7,)]
+    params = [torch.randn(s, generator=generator) for s in shapes]
+    params[3] = torch.randn(4, 6, generator=generator)[:, :3]  # grown: a strided block
+    params[4] = params[4].bfloat16()
+    importances = [torch.rand(s, generator=generator) for s in shapes]
+    centres = [torch.randn(s, generator=generator) for s in shapes]
+    return params, importances, centres
+
+
+def added_gradient(params, importances, centres, *, block, small, **kwargs):
+    """What ``add_penalty_grad_`` adds to zero gradients (grown ones: into a larger tensor)."""
+    grads = [torch.zeros(p.shape, dtype=p.dtype) for p in params]
+    grads[3] = torch.zeros(4, 6)[:, :3]
+    quadratic = add_penalty_grad_(
+        grads,
+        params,
+        importances,
+        centres,
+        1.5,
+        workspace=torch.empty(min(block, 30)),
+        block_elements=block,
+        small_elements=small,
+        return_quadratic=True,
+        **kwargs,
+    )
+    return grads, quadratic
+
+
+@pytest.mark.parametrize(("block", "small"), [(7, 0), (64, 0), (7, 24)])
+@settings(max_examples=10, deadline=None)
+@given(exponent=st.integers(-8, 24), seed=st.integers(0, 2**16))
+def test_a_power_of_two_scale_adds_exactly_scale_times_the_gradient(block, small, exponent, seed):
+    params, importances, centres = scaled_paths_operands(torch.Generator().manual_seed(seed))
+    scale = 2.0**exponent
+    plain, plain_quadratic = added_gradient(params, importances, centres, block=block, small=small)
+    scaled, scaled_quadratic = added_gradient(
+        params, importances, centres, block=block, small=small, scale=scale
+    )
+    for got, want in zip(scaled, plain):
+        assert got.dtype == want.dtype
+        assert torch.equal(got, want * scale)
+    assert torch.equal(scaled_quadratic, plain_quadratic)  # the value is never scaled
+
+
+@pytest.mark.parametrize(("block", "small"), [(7, 0), (64, 24)])
+@pytest.mark.parametrize("scale", [1000.3, 3.0, 0.37])
+def test_any_scale_multiplies_the_gradient_to_float32_rounding(block, small, scale):
+    params, importances, centres = scaled_paths_operands(torch.Generator().manual_seed(9))
+    plain, plain_quadratic = added_gradient(params, importances, centres, block=block, small=small)
+    scaled, scaled_quadratic = added_gradient(
+        params, importances, centres, block=block, small=small, scale=scale
+    )
+    for got, want in zip(scaled, plain):
+        rtol = 1e-6 if got.dtype == torch.float32 else 2.0**-7  # bfloat16: 8 mantissa bits
+        torch.testing.assert_close(got, want * scale, rtol=rtol, atol=0.0)
+    assert torch.equal(scaled_quadratic, plain_quadratic)
+
+
+def wide_consolidated(seed: int = 10) -> tuple[EWC, nn.Sequential]:
+    """Two tasks, moved off the anchor; the middle weight (130 x 130) is above
+    ``CPU_SMALL_ELEMENTS`` (the blocked path), the rest below it (the multi-tensor path)."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Linear(5, 130), nn.Tanh(), nn.Linear(130, 130), nn.Tanh(), nn.Linear(130, 3)
+    )
+    reg = EWC(3.0, fisher="empirical")
+    for _ in range(2):
+        batch = (
+            torch.randn(6, 5, generator=generator),
+            torch.randint(0, 3, (6,), generator=generator),
+        )
+        reg.consolidate(net, [batch], nn.CrossEntropyLoss())
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    return reg, net
+
+
+def penalty_grads(reg: EWC, net: nn.Module, **kwargs) -> tuple[list[torch.Tensor], torch.Tensor]:
+    net.zero_grad(set_to_none=True)
+    value = reg.penalty_grad_(net, return_penalty=True, **kwargs)
+    assert value is not None
+    return [p.grad.clone() for p in net.parameters()], value
+
+
+@pytest.mark.parametrize("scale", [1024.0, 2.0**-3, 2.0**16])
+def test_penalty_grad_with_a_power_of_two_scale_is_exact_and_returns_the_unscaled_penalty(scale):
+    reg, net = wide_consolidated()
+    assert any(p.numel() > CPU_SMALL_ELEMENTS for p in net.parameters())
+    plain, plain_value = penalty_grads(reg, net)
+    scaled, scaled_value = penalty_grads(reg, net, scale=scale)
+    for got, want in zip(scaled, plain):
+        assert torch.equal(got, want * scale)
+    assert torch.equal(scaled_value, plain_value)
+    torch.testing.assert_close(scaled_value, reg.penalty(net).detach().double(), rtol=1e-6, atol=0)
+
+
+def test_penalty_grad_with_any_scale_is_scale_times_the_gradient():
+    reg, net = wide_consolidated(seed=11)
+    plain, plain_value = penalty_grads(reg, net)
+    scaled, scaled_value = penalty_grads(reg, net, scale=1000.3)
+    for got, want in zip(scaled, plain):
+        torch.testing.assert_close(got, want * 1000.3, rtol=1e-6, atol=0.0)
+    assert torch.equal(scaled_value, plain_value)
 
 
 # ---------------------------------------------------------------- random models, every engine path

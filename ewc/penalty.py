@@ -145,9 +145,11 @@ def add_penalty_grad_(
       in the state's dtype; without one (or for non-contiguous blocks of grown parameters, or a
       gradient dtype other than the state's, e.g. bfloat16) the tensor is done unblocked.
     * CPU with ``fused_kernel`` (``EWC(fused=True)``, :mod:`ewc._fused`): one compiled pass per
-      tensor whose four operands share a dtype, same result as the blocked path.
-    * CPU tensors of at most ``small_elements`` whose operands share a dtype: all together,
-      by two multi-tensor kernels (one dispatch each for the whole list, small temporaries).
+      tensor whose four operands share a dtype, small ones included, same result as the
+      blocked path.
+    * Otherwise, CPU tensors of at most ``small_elements`` whose operands share a dtype: all
+      together, by two multi-tensor kernels (one dispatch each for the whole list, small
+      temporaries).
     * Other devices: two fused multi-tensor kernels (``torch._foreach_sub``,
       ``torch._foreach_addcmul_``); the temporaries come from the caching allocator.
 
@@ -167,13 +169,13 @@ def add_penalty_grad_(
     small: tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]] = ([], [], [], [])
     for grad, param, importance, centre in zip(grads, params, importances, centres):
         same = grad.dtype == importance.dtype == param.dtype
-        if same and grad.device.type == "cpu" and grad.numel() <= small_elements:
-            for part, tensor in zip(small, (grad, param, importance, centre)):
-                part.append(tensor)
-        elif fused_kernel is not None and same and grad.device.type == "cpu":
+        if fused_kernel is not None and same and grad.device.type == "cpu":
             value = fused_kernel(grad, importance, param, centre, factor, return_quadratic)
             if quadratic is not None:
                 quadratic += value
+        elif same and grad.device.type == "cpu" and grad.numel() <= small_elements:
+            for part, tensor in zip(small, (grad, param, importance, centre)):
+                part.append(tensor)
         else:
             _one_tensor_pass(
                 grad, param, importance, centre, factor, workspace, block_elements, quadratic

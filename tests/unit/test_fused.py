@@ -30,8 +30,9 @@ def kernel() -> ewc._fused.FusedKernel:
 
 
 def wide(dtype: torch.dtype, inputs: int = 5, outputs: int = 3) -> nn.Sequential:
-    """The middle weight (130 x 130) is above ``CPU_SMALL_ELEMENTS``, so it takes the kernel; the
-    other tensors are small and take the multi-tensor path: both run in every test."""
+    """The middle weight (130 x 130) is above ``CPU_SMALL_ELEMENTS`` (the default path blocks
+    it), the other tensors are small (the default path's multi-tensor pair); with the kernel,
+    every tensor takes the kernel."""
     assert CPU_SMALL_ELEMENTS < 130 * 130
     return nn.Sequential(
         nn.Linear(inputs, 130), nn.Tanh(), nn.Linear(130, 130), nn.Tanh(), nn.Linear(130, outputs)
@@ -213,7 +214,7 @@ def test_kernel_on_tensors_large_enough_to_run_in_parallel(kernel, threads):
     assert value == pytest.approx(want, rel=1e-6)
 
 
-def test_add_penalty_grad_uses_the_kernel_for_large_dtype_matched_tensors(kernel):
+def test_add_penalty_grad_uses_the_kernel_for_every_dtype_matched_tensor(kernel):
     calls = []
 
     def counting(*args):
@@ -228,8 +229,9 @@ def test_add_penalty_grad_uses_the_kernel_for_large_dtype_matched_tensors(kernel
     importances = [torch.full((n,), 2.0) for n in sizes]
     centres = [torch.zeros(n) for n in sizes]
     add_penalty_grad_(grads, params, importances, centres, 0.5, fused_kernel=counting)
-    # the small tensor took the multi-tensor path, the bfloat16 gradient the default one
-    assert calls == [(torch.float32, large)]
+    # small tensors take the kernel too (cheaper than the multi-tensor pair and its
+    # temporaries); the bfloat16 gradient takes the default path
+    assert calls == [(torch.float32, large), (torch.float32, 3)]
     assert all(bool((g.float() == 2.0).all()) for g in grads)
 
 

@@ -34,6 +34,14 @@ SHOWN: dict[str, tuple[tuple[str, ...], str]] = {
         ("model", "params_M", "tensors", "threads", "method", "ms", "ratio_to_floor"),
         "penalty_grad_ alone against the memory floor (reads g, A, θ; writes g)",
     ),
+    "penalty_in_sgd_step": (
+        ("model", "threads", "method", "ms", "penalty_in_floors"),
+        "What the penalty adds to an SGD step (momentum 0.9), in memory-floor passes",
+    ),
+    "penalty_eager_profile": (
+        ("model", "part", "calls_per_call", "ms_per_call", "share_%"),
+        "Where the default penalty_grad_ spends its time (torch.profiler, 1 thread)",
+    ),
     "fisher_fidelity": (
         (
             "model",
@@ -64,6 +72,10 @@ SHOWN: dict[str, tuple[tuple[str, ...], str]] = {
             "max_rel_diff",
         ),
         "Fisher speed and agreement vs BackPACK",
+    ),
+    "fisher_floor": (
+        ("model", "estimator", "method", "seconds", "ratio_vs_avalanche"),
+        "Fisher cost beside its compute floor and Avalanche",
     ),
     "quality_split_digits": (
         ("method", "best_accuracy_%", "se", "best_lambda", "consolidation_s_per_task"),

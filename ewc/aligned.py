@@ -200,7 +200,7 @@ class AlignedState:
 
     def whole_cpu_terms(self) -> dict[int, tuple[Tensor, Tensor]] | None:
         """``id(param) -> (A, m)`` for every trainable aligned parameter, or None unless each is
-        a whole (never grown), unsharded, contiguous CPU tensor with the state's dtype: what a
+        a whole (never grown), unsharded CPU tensor with the state's dtype (any strides): what a
         single-pass optimizer step (:class:`ewc.optim.SGD`) can read directly."""
         params = self._params()
         if self._sharded:
@@ -210,12 +210,7 @@ class AlignedState:
             self._trainable, self._trainable_importances, self._trainable_centres
         ):
             param = params[i]
-            if (
-                block is not None
-                or param.device.type != "cpu"
-                or param.dtype != importance.dtype
-                or not param.is_contiguous()
-            ):
+            if block is not None or param.device.type != "cpu" or param.dtype != importance.dtype:
                 return None
             terms[id(param)] = (importance, centre)
         return terms

@@ -22,11 +22,16 @@ Differences from ``penalty_grad_`` + ``torch.optim.SGD``, by design:
   clipping must see the penalty (the Hugging Face adapter does).
 * Results equal the two-pass reference to rounding (a few units in the last place; the
   penalised gradient is not rounded to storage in between), not bit for bit.
+* ``maximize=True`` is refused: the penalty is minimised, and ascending the penalised gradient
+  would push the weights away from the consolidated ones.
+* Combine it with nothing else that applies the penalty (``penalty_grad_``, ``reg.penalty`` in
+  the loss, the loop adapter's hook): each would add it again.
 
 Parameters the state does not hold (a new head) take the plain SGD step. When some consolidated
 parameter cannot be read in one pass (grown since consolidation, an FSDP2 shard, off the CPU, or
-a dtype other than the state's), the step is the two-pass equivalent, with ``.grad`` restored
-afterwards, so the result and the meaning of ``.grad`` do not depend on the path.
+a dtype other than the state's, a sparse gradient), the step is the two-pass equivalent with
+torch's functional SGD, and every gradient of the model is put back afterwards, so the result and
+the meaning of ``.grad`` do not depend on the path.
 
 The kernel needs a C++ compiler and ninja (``pip install "ewc[fused]"``), like
 ``EWC(fused=True)``; it is built at construction (about 30 s the first time, then cached on disk).
@@ -34,11 +39,14 @@ The kernel needs a C++ compiler and ninja (``pip install "ewc[fused]"``), like
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import increment_version
+from torch.optim.sgd import sgd
 
 from ewc._fused import FusedSGDKernel, fused_sgd_kernel
 from ewc._typing import short_repr
@@ -62,10 +70,12 @@ class SGD(torch.optim.SGD):
 
     Raises:
         TypeError: ``reg`` is not an :class:`~ewc.EWC` or ``model`` not an ``nn.Module``.
+        ValueError: ``maximize=True``, or an argument ``torch.optim.SGD`` refuses.
         RuntimeError: the compiled kernel cannot be built (no C++ compiler or ninja).
 
     Cost per step: one pass over each parameter reading ``theta``, ``grad``, the momentum buffer,
-    ``A`` and ``m`` and writing ``theta`` and the buffer; no allocation after the first step.
+    ``A`` and ``m`` and writing ``theta`` and the buffer; no allocation after the first step
+    unless a consolidated parameter has no gradient (it gets zeros, as with ``penalty_grad_``).
 
     Example:
         >>> optimizer = ewc.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,  # doctest: +SKIP
@@ -104,12 +114,23 @@ class SGD(torch.optim.SGD):
         )
         self.reg = reg
         self.model = model
+        if maximize:
+            raise ValueError(
+                "ewc.optim.SGD: Expected argument `maximize` to be False but got True: the EWC "
+                "penalty is minimised, and ascending the penalised gradient would push the "
+                "weights away from the consolidated ones"
+            )
         self._kernel = _build_kernel()
         self._view: AlignedState | None = None
+        self._warned_unrelated = False
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """One SGD step on the penalised gradient (see the module docstring)."""
+        """One SGD step on the penalised gradient (see the module docstring).
+
+        Raises:
+            ValueError: a parameter group has ``maximize=True`` while a task is consolidated.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -118,13 +139,40 @@ class SGD(torch.optim.SGD):
         if terms is None:
             self._two_pass_step()
             return loss
+        work = self._prepared(terms)  # every check and allocation before any weight moves
+        for param, grad, buffer, first, importance, centre, group in work:
+            self._kernel(
+                param.detach(),
+                grad,
+                buffer,
+                first,
+                importance,
+                centre,
+                scale,
+                float(group["lr"]),
+                float(group["weight_decay"]),
+                float(group["momentum"]),
+                float(group["dampening"]),
+                bool(group["nesterov"]),
+                False,
+            )
+            increment_version(param)  # written in place, as torch's own in-place ops record
+            if buffer is not None:
+                increment_version(buffer)
+        return loss
+
+    def _prepared(self, terms: dict[int, tuple[Tensor, Tensor]]) -> list[tuple[Any, ...]]:
+        """Per parameter to step: ``(param, grad, buffer, first_step, A, m, group)``. A
+        consolidated parameter without a gradient gets zeros (as ``penalty_grad_`` does)."""
+        work = []
+        penalised = 0
         for group in self.param_groups:
-            lr = float(group["lr"])
             momentum = float(group["momentum"])
             for param in group["params"]:
                 importance, centre = terms.get(id(param), (None, None))
+                penalised += importance is not None
                 grad = param.grad
-                if grad is None and importance is not None:  # as penalty_grad_: zeros
+                if grad is None and importance is not None:
                     grad = param.grad = torch.zeros_like(param)
                 if grad is None:
                     continue
@@ -135,22 +183,16 @@ class SGD(torch.optim.SGD):
                     if buffer is None:
                         buffer = state["momentum_buffer"] = torch.empty_like(grad)
                         first = True
-                self._kernel(
-                    param.detach(),
-                    grad,
-                    buffer,
-                    first,
-                    importance,
-                    centre,
-                    scale,
-                    lr,
-                    float(group["weight_decay"]),
-                    momentum,
-                    float(group["dampening"]),
-                    bool(group["nesterov"]),
-                    bool(group["maximize"]),
-                )
-        return loss
+                work.append((param, grad, buffer, first, importance, centre, group))
+        if terms and penalised == 0 and not self._warned_unrelated:
+            self._warned_unrelated = True
+            warnings.warn(
+                "ewc.optim.SGD: none of this optimizer's parameters is a consolidated parameter "
+                f"of `model` ({type(self.model).__name__}), so its steps apply no penalty; pass "
+                "the model whose parameters the optimizer holds",
+                stacklevel=3,
+            )
+        return work
 
     def _penalty_terms(self) -> tuple[dict[int, tuple[Tensor, Tensor]] | None, float]:
         """The single-pass terms by parameter and ``2 * ewc_lambda``; None when some parameter
@@ -159,50 +201,87 @@ class SGD(torch.optim.SGD):
         if reg.tasks == 0 or reg.ewc_lambda == 0.0:
             terms: dict[int, tuple[Tensor, Tensor]] | None = {}
         else:
+            if any(group["maximize"] for group in self.param_groups):
+                raise ValueError(
+                    "ewc.optim.SGD: Expected `maximize` to be False in every parameter group but "
+                    "got maximize=True: the EWC penalty is minimised, and ascending the "
+                    "penalised gradient would push the weights away from the consolidated ones"
+                )
             self._view = reg.state.bind(self.model, reuse=self._view)
             terms = self._view.whole_cpu_terms()
-        if terms is not None and not self._one_pass_fits(terms):
+        if terms is not None and not self._one_pass_fits():
             terms = None
         return terms, 2.0 * reg.ewc_lambda
 
-    def _one_pass_fits(self, terms: dict[int, tuple[Tensor, Tensor]]) -> bool:
+    def _one_pass_fits(self) -> bool:
         for group in self.param_groups:
             for param in group["params"]:
                 grad = param.grad
-                if grad is None:
-                    continue
+                state = self.state.get(param, {})
+                buffer = state.get("momentum_buffer")
                 if (
                     param.device.type != "cpu"
-                    or grad.layout != torch.strided
-                    or grad.device != param.device
-                    or grad.dtype != param.dtype
-                    or not param.dtype.is_floating_point
-                    or param.dtype in (torch.float16, torch.bfloat16)
-                ):
-                    return False
-                buffer = self.state[param].get("momentum_buffer") if param in self.state else None
-                if buffer is not None and (
-                    buffer.dtype != param.dtype or buffer.layout != grad.layout
+                    or param.dtype not in (torch.float32, torch.float64)
+                    or (
+                        grad is not None
+                        and (
+                            grad.layout != torch.strided
+                            or grad.device != param.device
+                            or grad.dtype != param.dtype
+                        )
+                    )
+                    or (
+                        buffer is not None
+                        and (
+                            buffer.layout != torch.strided
+                            or buffer.device != param.device
+                            or buffer.dtype != param.dtype
+                        )
+                    )
                 ):
                     return False
         return True
 
     def _two_pass_step(self) -> None:
-        """``penalty_grad_`` then ``torch.optim.SGD.step``, with ``.grad`` put back as it was."""
-        kept = {
-            id(p): p.grad.clone()
-            for group in self.param_groups
-            for p in group["params"]
-            if p.grad is not None and p.grad.layout == torch.strided
-        }
-        self.reg.penalty_grad_(self.model)  # creates zero gradients where there were none
-        super().step()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if id(p) in kept:
-                    p.grad.copy_(kept[id(p)])
-                elif p.grad is not None:
-                    p.grad.zero_()
+        """``penalty_grad_`` then torch's functional SGD on this optimizer's parameters, with
+        every gradient of the model put back as it was (``penalty_grad_`` writes them all)."""
+        params = {id(p): p for p in self.model.parameters()}
+        params.update({id(p): p for group in self.param_groups for p in group["params"]})
+        kept = {key: None if p.grad is None else p.grad.clone() for key, p in params.items()}
+        try:
+            self.reg.penalty_grad_(self.model)  # zero gradients where there were none
+            for group in self.param_groups:
+                stepped = [p for p in group["params"] if p.grad is not None]
+                buffers = [self.state[p].get("momentum_buffer") for p in stepped]
+                sgd(
+                    stepped,
+                    [p.grad for p in stepped],
+                    buffers,
+                    has_sparse_grad=any(p.grad.is_sparse for p in stepped),
+                    foreach=False,
+                    weight_decay=group["weight_decay"],
+                    momentum=group["momentum"],
+                    lr=group["lr"],
+                    dampening=group["dampening"],
+                    nesterov=group["nesterov"],
+                    maximize=group["maximize"],
+                )
+                if group["momentum"] != 0:
+                    for p, buffer in zip(stepped, buffers):
+                        self.state[p]["momentum_buffer"] = buffer
+        finally:
+            mine = {id(p) for group in self.param_groups for p in group["params"]}
+            for key, p in params.items():
+                before = kept[key]
+                if before is None and p.grad is not None:  # made by penalty_grad_
+                    if key in mine:  # zeros, as on the single-pass path
+                        p.grad.zero_()
+                    else:
+                        p.grad = None
+                elif before is not None and p.grad is not None and before.layout == torch.strided:
+                    p.grad.copy_(before)
+                elif before is not None:
+                    p.grad = before
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -213,6 +292,7 @@ class SGD(torch.optim.SGD):
         super().__setstate__(state)
         self._kernel = _build_kernel()
         self._view = None
+        self._warned_unrelated = False
 
     def __repr__(self) -> str:
         return super().__repr__().replace("SGD (", f"ewc.optim.SGD (reg={self.reg!r}, ", 1)

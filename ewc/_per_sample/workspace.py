@@ -8,8 +8,9 @@ fisher_speed.py`` about 6,000 page faults per batch, as much time as its whole b
 (``exact``, 1 thread). A :class:`Workspace` keeps one buffer per role and shape for the length of
 a pass (:func:`ewc.fisher.fisher_sums` holds one), and drops them when the pass ends.
 
-Cost: no extra memory beyond the buffers themselves (one set per distinct shape in the pass; the
-last batch of a loader, if smaller, adds one more set).
+Cost: one flat buffer per role and slot, as large as the largest request so far (a smaller batch,
+a shorter sequence or a smaller last chunk of signals gets a view of it), so memory stays within
+what a single batch needs, however the shapes vary.
 
 Example:
     >>> import torch
@@ -21,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 
 import torch
@@ -30,11 +32,11 @@ __all__ = ["Workspace"]
 
 
 class Workspace:
-    """Uninitialised buffers by ``(role, slot, shape, dtype, device)``, kept until dropped.
+    """Uninitialised buffers by ``(role, slot, dtype, device)``, kept until dropped.
 
-    A buffer is handed out again on the next request with the same key, so whoever asks for one
-    must be done with its previous contents (the engine asks once per chunk of signals and the
-    rules read it before the next chunk is made).
+    Each request gets a view of the same flat storage, so whoever asks for one must be done with
+    its previous contents (the engine asks once per chunk of signals and the rules read it before
+    the next chunk is made); a larger request replaces the storage.
     """
 
     def __init__(self) -> None:
@@ -48,14 +50,15 @@ class Workspace:
         dtype: torch.dtype,
         device: torch.device,
     ) -> Tensor:
-        """The buffer for ``(role, slot)`` of exactly ``shape``/``dtype``/``device``; its values
-        are whatever was last written (uninitialised the first time)."""
-        key = (role, slot, tuple(int(s) for s in shape), dtype, device)
+        """A contiguous tensor of exactly ``shape``/``dtype``/``device`` for ``(role, slot)``;
+        its values are whatever was last written (uninitialised the first time)."""
+        key = (role, slot, dtype, device)
+        size = math.prod(int(s) for s in shape)
         found = self._buffers.get(key)
-        if found is None:
-            found = torch.empty(key[2], dtype=dtype, device=device)
+        if found is None or found.numel() < size:
+            found = torch.empty(size, dtype=dtype, device=device)
             self._buffers[key] = found
-        return found
+        return found[:size].view(tuple(int(s) for s in shape))
 
     def clear(self) -> None:
         """Drop every buffer (their memory goes back once nothing else refers to it)."""

@@ -29,8 +29,8 @@ HYPERPARAMETERS = [
     {"momentum": 0.9},
     {"momentum": 0.9, "nesterov": True},
     {"momentum": 0.8, "dampening": 0.3, "weight_decay": 0.01},
-    {"weight_decay": 0.05, "maximize": True},
-    {"momentum": 0.5, "nesterov": True, "weight_decay": 0.1, "maximize": True},
+    {"weight_decay": 0.05},
+    {"momentum": 0.5, "nesterov": True, "weight_decay": 0.1},
 ]
 
 
@@ -217,6 +217,7 @@ def test_before_any_task_it_is_plain_sgd():
         ({"model": 3}, TypeError, r"`model`.*nn\.Module.*3"),
         ({"lr": -1.0}, ValueError, r"-1\.0"),
         ({"momentum": -0.5}, ValueError, r"-0\.5"),
+        ({"maximize": True}, ValueError, r"`maximize`.*True"),
     ],
 )
 def test_bad_arguments_are_clear_errors(kwargs: dict[str, Any], error: type, message: str):
@@ -257,3 +258,137 @@ def test_a_pickled_optimizer_rebuilds_its_kernel_and_steps_alike():
         optimizer.step()
     for mine, theirs in zip(net.parameters(), net2.parameters()):
         assert torch.equal(mine, theirs)
+
+
+def test_parameter_groups_a_missing_gradient_and_a_later_task_match_the_reference():
+    """Two groups with their own lr/momentum; the head gets no gradient in the second step (a
+    consolidated parameter without one gets zeros and the penalty, as with penalty_grad_); a
+    third task and a new ewc_lambda after the optimizer was built take effect."""
+    net, reg, generator = consolidated(torch.float64)
+    reg2 = copy.deepcopy(reg)
+    reference = copy.deepcopy(net)
+
+    def groups(model: Net) -> list[dict[str, Any]]:
+        return [
+            {"params": list(model.body.parameters()), "lr": 0.05, "momentum": 0.9},
+            {"params": list(model.head.parameters()), "lr": 0.2, "momentum": 0.0},
+        ]
+
+    ours = SGD(groups(net), lr=0.1, reg=reg, model=net)
+    theirs = torch.optim.SGD(groups(reference), lr=0.1, foreach=False)
+    for step in range(4):
+        x = torch.randn(8, 6, generator=generator, dtype=torch.float64)
+        y = torch.randint(0, 3, (8,), generator=generator)
+        for model, optimizer in ((net, ours), (reference, theirs)):
+            optimizer.zero_grad()
+            if step != 1:
+                nn.CrossEntropyLoss()(model(x), y).backward()
+        if step == 2:  # a new task and a new strength, after construction
+            for r, model in ((reg, net), (reg2, reference)):
+                r.consolidate(model, [(x, y)], nn.CrossEntropyLoss())
+                r.ewc_lambda = 11.0
+        reg2.penalty_grad_(reference)
+        theirs.step()
+        ours.step()
+    for (name, mine), expected in zip(net.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(mine, expected, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_the_two_pass_step_leaves_every_other_gradient_as_it_was():
+    """A grown parameter forces the two-pass step: the gradients of parameters outside the
+    optimizer (dense, sparse, or None) are exactly as before, and the step equals the
+    reference on the optimizer's own parameters."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict(
+        {
+            "a": nn.Linear(3, 4).double(),
+            "b": nn.Linear(4, 2).double(),
+            "e": nn.Embedding(5, 2, sparse=True).double(),
+        }
+    )
+
+    def loss_of(m: nn.ModuleDict, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return m["b"](torch.tanh(m["a"](x))).square().sum() + m["e"](t).sum()
+
+    x, t = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 3])
+    reg = EWC(4.0, fisher="empirical", params=lambda n, p: not n.startswith("e"))
+    reg.consolidate(
+        model,
+        [(x, torch.zeros(6, 2, dtype=torch.float64))],
+        _mse_of(model),
+        forward=lambda m, batch: (m["b"](torch.tanh(m["a"](batch[0]))), batch[1]),
+    )
+    with torch.no_grad():  # "b" grows by one output after consolidation: the two-pass step
+        grown = nn.Linear(4, 3).double()
+        grown.weight[:2].copy_(model["b"].weight)
+        grown.bias[:2].copy_(model["b"].bias)
+        model["b"] = grown
+        for p in model.parameters():
+            p.add_(0.1)
+    reference = copy.deepcopy(model)
+    ours = SGD(model["b"].parameters(), lr=0.1, momentum=0.9, reg=reg, model=model)
+    theirs = torch.optim.SGD(reference["b"].parameters(), lr=0.1, momentum=0.9)
+    for m in (model, reference):
+        loss_of(m, x, t).backward()
+        m["a"].bias.grad = None  # a consolidated parameter outside the optimizer, no gradient
+    before = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    calls: list[str] = []
+    ours.register_step_pre_hook(lambda *args: calls.append("pre"))
+    reg.penalty_grad_(reference)
+    theirs.step()
+    ours.step()
+    assert calls == ["pre"]  # the two-pass step does not go through torch's hooked step again
+    for name, p in model.named_parameters():
+        if name.startswith("b."):
+            continue
+        if before[name] is None:
+            assert p.grad is None, name
+        elif p.grad.is_sparse:
+            assert torch.equal(p.grad.to_dense(), before[name].to_dense()), name
+        else:
+            assert torch.equal(p.grad, before[name]), name
+    for mine, expected in zip(model["b"].parameters(), reference["b"].parameters()):
+        torch.testing.assert_close(mine, expected, rtol=1e-13, atol=1e-15)
+
+
+def _mse_of(model: nn.ModuleDict) -> Any:
+    def criterion(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (output - target).square().mean()
+
+    return criterion
+
+
+def test_step_hooks_run_once_and_the_weights_record_the_in_place_write():
+    net, reg, generator = consolidated(torch.float64)
+    ours = SGD(net.parameters(), lr=0.1, reg=reg, model=net)
+    torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1)  # torch patches its own step too
+    calls: list[str] = []
+    ours.register_step_pre_hook(lambda *args: calls.append("pre"))
+    ours.register_step_post_hook(lambda *args: calls.append("post"))
+    x = torch.randn(8, 6, generator=generator, dtype=torch.float64)
+    loss = net(x).square().sum()
+    loss.backward(retain_graph=True)
+    ours.step()
+    assert calls == ["pre", "post"]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()  # the graph saw the weights before the step, as with torch.optim.SGD
+
+
+def test_maximize_in_a_parameter_group_is_refused_once_a_task_is_consolidated():
+    net, reg, _ = consolidated(torch.float64)
+    ours = SGD(net.body.parameters(), lr=0.1, reg=reg, model=net)
+    ours.add_param_group({"params": list(net.head.parameters()), "maximize": True})
+    net(torch.randn(4, 6, dtype=torch.float64)).sum().backward()
+    weights = [p.clone() for p in net.parameters()]
+    with pytest.raises(ValueError, match=r"`maximize`.*maximize=True"):
+        ours.step()
+    assert all(torch.equal(a, b) for a, b in zip(weights, net.parameters()))
+
+
+def test_an_optimizer_over_parameters_of_another_model_warns():
+    net, reg, _ = consolidated(torch.float64)
+    other = copy.deepcopy(net)
+    ours = SGD(other.parameters(), lr=0.1, reg=reg, model=net)
+    other(torch.randn(4, 6, dtype=torch.float64)).sum().backward()
+    with pytest.warns(UserWarning, match="none of this optimizer's parameters"):
+        ours.step()

@@ -47,6 +47,10 @@ RuleFn = Callable[[nn.Module, tuple[Tensor, ...], Tensor, Collection[str], int],
 output. The result holds, for every local parameter name in ``names`` (``"weight"``, ``"bias"``),
 ``sum_k sum_n (d <s_k, out> / d theta_n)^2`` in the accumulator dtype (see
 :func:`accumulator_dtype`).
+
+The result must be fresh tensors (the engine accumulates into them), and ``grad_outputs`` must be
+read only: it lives in a buffer that the next chunk of signals (and the next batch) overwrites,
+and it may be a non-contiguous view (always, for a rule registered with ``examples_first``).
 """
 
 PerExampleFn = Callable[[nn.Module, tuple[Any, ...], Tensor, Collection[str]], TensorDict]

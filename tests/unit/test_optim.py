@@ -392,3 +392,19 @@ def test_an_optimizer_over_parameters_of_another_model_warns():
     other(torch.randn(4, 6, dtype=torch.float64)).sum().backward()
     with pytest.warns(UserWarning, match="none of this optimizer's parameters"):
         ours.step()
+
+
+def test_importing_the_module_builds_nothing(tmp_path):
+    """The kernel is built at construction, never on import: with no usable compiler and an
+    empty extension cache, ``import ewc.optim`` still works."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path), "CXX": str(tmp_path / "none")}
+    code = "import ewc.optim, ewc._fused; assert ewc._fused._module is None; print('ok')"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.stdout.strip() == "ok", result.stderr
+    assert not any(tmp_path.iterdir())

@@ -43,6 +43,7 @@ PUBLIC = {
     "ewc.core": ["EWC", "ConsolidationReport", "FisherEstimate"],
     "ewc.aligned": ["AlignedState", "check_model_fits", "named_parameters", "unwrap"],
     "ewc.errors": ["EWCError", "ConsolidationError"],
+    "ewc.optim": ["SGD"],
 }
 
 

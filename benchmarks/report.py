@@ -73,6 +73,10 @@ SHOWN: dict[str, tuple[tuple[str, ...], str]] = {
         ),
         "Fisher speed and agreement vs BackPACK",
     ),
+    "fisher_hugging_face": (
+        ("model", "estimator", "seconds", "ratio_vs_batched_pass", "fallback_share"),
+        "Hugging Face models (random-weight configs) vs a batched pass",
+    ),
     "fisher_floor": (
         ("model", "estimator", "method", "seconds", "ratio_vs_avalanche"),
         "Fisher cost beside its compute floor and Avalanche",

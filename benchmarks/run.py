@@ -58,6 +58,7 @@ def _fisher_speed(mode: str, out: Path) -> dict[str, list[Row]]:
         ("fisher_resnet18", "resnet_rows"),
         ("fisher_vs_backpack", "backpack_rows"),
         ("fisher_floor", "floor_rows"),
+        ("fisher_hugging_face", "hugging_face_rows"),
     ):
         if hasattr(module, rows):
             tables[table] = list(getattr(module, rows)(quick))

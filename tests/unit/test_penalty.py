@@ -564,3 +564,71 @@ def test_random_models_penalty_equals_naive_sum_and_grad_equals_autograd(
         (nn.functional.cross_entropy(model(x), y) + reg.penalty(model)).backward()
         optimizer.step()
     copy.deepcopy(reg)
+
+
+def _grown_first_layer(net: nn.Sequential) -> None:
+    with torch.no_grad():
+        net[0].weight.data = torch.cat([net[0].weight, torch.ones(1, net[0].in_features)])
+        net[0].bias.data = torch.cat([net[0].bias, torch.ones(1)])
+        net[2].weight.data = torch.cat([net[2].weight, torch.ones(net[2].out_features, 1)], 1)
+
+
+MUTATIONS = {
+    "parameter replaced": lambda net: setattr(
+        net[0], "weight", nn.Parameter(net[0].weight.detach() + 1.0)
+    ),
+    "module replaced": lambda net: net.__setitem__(2, nn.Linear(4, 2)),
+    "module deleted": lambda net: net.__delitem__(2),
+    "module set to None": lambda net: setattr(net, "2", None),
+    "parameter deleted": lambda net: delattr(net[0], "bias"),
+    "grown through .data": _grown_first_layer,
+    "frozen": lambda net: net[0].weight.requires_grad_(False),
+    "retyped": lambda net: net.double(),
+    "module added": lambda net: net.add_module("extra", nn.Linear(2, 2)),
+    "weights changed in place": lambda net: net[0].weight.data.add_(0.5),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATIONS))
+def test_a_model_changed_after_a_call_is_seen_by_the_next_one_as_by_a_fresh_regulariser(
+    mutation: str,
+):
+    """The view of the last call is reused only while every consolidated parameter is the same
+    tensor at the same place with the same shape, dtype, device and flag: after any change the
+    next call gives what a regulariser that never saw the model gives (values or error)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    reg = EWC(2.0, fisher="empirical")
+    reg.consolidate(net, [(torch.randn(5, 3), torch.randint(0, 2, (5,)))], nn.CrossEntropyLoss())
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.3)
+    reg.penalty_grad_(net)  # the view is cached
+    MUTATIONS[mutation](net)
+    fresh = EWC(2.0, fisher="empirical")
+    fresh.load_state_dict(reg.state_dict())
+    outcomes = []
+    for regulariser in (reg, fresh):
+        net.zero_grad(set_to_none=True)
+        try:
+            regulariser.penalty_grad_(net)
+            value = regulariser.penalty(net).detach()
+            outcomes.append(
+                (
+                    "ok",
+                    value,
+                    [None if p.grad is None else p.grad.clone() for p in net.parameters()],
+                )
+            )
+        except Exception as error:  # the same error as a fresh regulariser
+            outcomes.append((type(error).__name__, str(error), []))
+    (kind, value, grads), (fresh_kind, fresh_value, fresh_grads) = outcomes
+    assert kind == fresh_kind, (outcomes[0][:2], outcomes[1][:2])
+    if kind == "ok":
+        assert torch.equal(value, fresh_value)
+        for mine, theirs in zip(grads, fresh_grads):
+            assert (mine is None) == (theirs is None)
+            if mine is not None:
+                assert torch.equal(mine, theirs)
+    else:
+        assert value == fresh_value

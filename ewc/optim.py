@@ -214,31 +214,14 @@ class SGD(torch.optim.SGD):
         return terms, 2.0 * reg.ewc_lambda
 
     def _one_pass_fits(self) -> bool:
+        """Whether every parameter, its gradient and its momentum buffer are dense float32 or
+        float64 CPU tensors of one dtype, as the compiled pass reads them."""
         for group in self.param_groups:
             for param in group["params"]:
-                grad = param.grad
-                state = self.state.get(param, {})
-                buffer = state.get("momentum_buffer")
-                if (
-                    param.device.type != "cpu"
-                    or param.dtype not in (torch.float32, torch.float64)
-                    or (
-                        grad is not None
-                        and (
-                            grad.layout != torch.strided
-                            or grad.device != param.device
-                            or grad.dtype != param.dtype
-                        )
-                    )
-                    or (
-                        buffer is not None
-                        and (
-                            buffer.layout != torch.strided
-                            or buffer.device != param.device
-                            or buffer.dtype != param.dtype
-                        )
-                    )
-                ):
+                if param.device.type != "cpu" or param.dtype not in (torch.float32, torch.float64):
+                    return False
+                buffer = self.state.get(param, {}).get("momentum_buffer")
+                if not (_like(param.grad, param) and _like(buffer, param)):
                     return False
         return True
 
@@ -296,6 +279,15 @@ class SGD(torch.optim.SGD):
 
     def __repr__(self) -> str:
         return super().__repr__().replace("SGD (", f"ewc.optim.SGD (reg={self.reg!r}, ", 1)
+
+
+def _like(tensor: Tensor | None, param: Tensor) -> bool:
+    """``tensor`` is absent, or dense with ``param``'s device and dtype."""
+    return tensor is None or (
+        tensor.layout == torch.strided
+        and tensor.device == param.device
+        and tensor.dtype == param.dtype
+    )
 
 
 def _build_kernel() -> FusedSGDKernel:

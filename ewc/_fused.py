@@ -34,12 +34,12 @@ asked); every tensor on the CPU, one floating dtype, same shape."""
 
 FusedSGDKernel = Callable[..., None]
 """``kernel(param, grad, buf, first_step, importance, centre, scale, lr, weight_decay, momentum,
-dampening, nesterov, maximize)``: one step of ``torch.optim.SGD`` on ``param`` in place, on the
+dampening, nesterov)``: one step of ``torch.optim.SGD`` on ``param`` in place, on the
 gradient ``grad + scale * importance * (param - centre)`` (``importance``/``centre`` None: no
 penalty), updating the momentum buffer ``buf`` (None without momentum; ``first_step``: it is
 written, not read). ``grad`` is not changed. Every tensor on the CPU, one dtype, same shape."""
 
-KERNEL_NAME = "ewc_fused_penalty_v3"
+KERNEL_NAME = "ewc_fused_penalty_v4"
 """Part of the on-disk cache key: bump it whenever the source changes."""
 
 _SOURCE = r"""
@@ -130,81 +130,58 @@ double add_penalty_grad(torch::Tensor grad, torch::Tensor importance, torch::Ten
 
 namespace {
 
-// One element of torch.optim.SGD's single-tensor step on the gradient g + scale A (theta - m),
-// in its order of operations: maximize, weight decay, momentum (first step: buf = d), nesterov.
-template <typename T, bool Penalty, int Momentum>  // Momentum: 0 none, 1 first step, 2 update
-inline void sgd_element(T& theta, T& buf, T g, T a, T m, T scale, T lr, T weight_decay,
-                        T momentum, T keep, bool nesterov, bool maximize) {
-  T d = Penalty ? EWC_MULTIPLY_ADD(scale * a, theta - m, g) : g;
-  if (maximize) d = -d;
-  if (weight_decay != T(0)) d = EWC_MULTIPLY_ADD(weight_decay, theta, d);
-  if (Momentum == 1) buf = d;
-  if (Momentum == 2) buf = EWC_MULTIPLY_ADD(keep, d, buf * momentum);
-  if (Momentum != 0) d = nesterov ? EWC_MULTIPLY_ADD(momentum, buf, d) : buf;
-  theta = EWC_MULTIPLY_ADD(-lr, d, theta);
-}
-
-template <typename T, bool Penalty, int Momentum>
-void sgd_loop(char** data, const int64_t* strides, int64_t size0, int64_t size1, T scale, T lr,
-              T weight_decay, T momentum, T keep, bool nesterov, bool maximize) {
-  // data: [theta (out), buf (out), theta, grad, buf, importance, centre]; absent ones repeat
-  // theta, and are never read
-  for (int64_t outer = 0; outer < size1; ++outer) {
-    char* base[7];
-    for (int k = 0; k < 7; ++k) base[k] = data[k] + outer * strides[7 + k];
-    for (int64_t i = 0; i < size0; ++i) {
-      T& theta = *reinterpret_cast<T*>(base[0] + i * strides[0]);
-      T unused = T(0);
-      T& buf = Momentum != 0 ? *reinterpret_cast<T*>(base[1] + i * strides[1]) : unused;
-      const T g = *reinterpret_cast<const T*>(base[3] + i * strides[3]);
-      const T a = Penalty ? *reinterpret_cast<const T*>(base[5] + i * strides[5]) : T(0);
-      const T m = Penalty ? *reinterpret_cast<const T*>(base[6] + i * strides[6]) : T(0);
-      sgd_element<T, Penalty, Momentum>(theta, buf, g, a, m, scale, lr, weight_decay, momentum,
-                                        keep, nesterov, maximize);
-    }
-  }
-}
-
-// The contiguous case, vectorised: every option is a template parameter or branch-free
-// arithmetic (maximize is a sign; weight decay 0 adds exactly 0), so the loop has no branches.
-template <typename T, bool Penalty, int Momentum, bool Nesterov>
-void sgd_contiguous(T* __restrict__ theta, T* __restrict__ buf, const T* __restrict__ grad,
-                    const T* __restrict__ a, const T* __restrict__ m, int64_t n, T scale, T lr,
-                    T weight_decay, T momentum, T keep, T sign) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const T t = theta[i];
-    T d = grad[i];
-    if constexpr (Penalty) d = EWC_MULTIPLY_ADD(scale * a[i], t - m[i], d);
-    d = EWC_MULTIPLY_ADD(weight_decay, t, sign * d);
-    if constexpr (Momentum == 1) buf[i] = d;
-    if constexpr (Momentum == 2) buf[i] = EWC_MULTIPLY_ADD(keep, d, buf[i] * momentum);
-    if constexpr (Momentum != 0) d = Nesterov ? EWC_MULTIPLY_ADD(momentum, buf[i], d) : buf[i];
-    theta[i] = EWC_MULTIPLY_ADD(-lr, d, t);
-  }
-}
-
 template <typename T>
 struct SgdHyper {
   T scale, lr, weight_decay, momentum, keep;
-  bool nesterov, maximize;
+  bool nesterov;
 };
+
+// One element of torch.optim.SGD's single-tensor step on the gradient g + scale A (theta - m),
+// in its order of operations: weight decay, momentum (first step: buf = d), nesterov. Every
+// option is a template parameter or branch-free arithmetic (weight decay 0 adds exactly 0), so
+// the contiguous loop vectorises; ``buf`` is only touched with momentum.
+template <typename T, bool Penalty, int Momentum, bool Nesterov>  // Momentum: 0 none, 1 first, 2
+inline T sgd_element(T theta, T* buf, T g, T a, T m, const SgdHyper<T>& h) {
+  T d = g;
+  if constexpr (Penalty) d = EWC_MULTIPLY_ADD(h.scale * a, theta - m, d);
+  d = EWC_MULTIPLY_ADD(h.weight_decay, theta, d);
+  if constexpr (Momentum == 1) *buf = d;
+  if constexpr (Momentum == 2) *buf = EWC_MULTIPLY_ADD(h.keep, d, *buf * h.momentum);
+  if constexpr (Momentum != 0) d = Nesterov ? EWC_MULTIPLY_ADD(h.momentum, *buf, d) : *buf;
+  return EWC_MULTIPLY_ADD(-h.lr, d, theta);
+}
 
 template <typename T, bool Penalty, int Momentum, bool Nesterov>
 void sgd_run(at::TensorIterator& iter, const SgdHyper<T>& h) {
+  // data: [theta (out), buf (out), theta, grad, buf, importance, centre]; absent ones repeat
+  // theta, and are never read
   iter.for_each([&](char** data, const int64_t* strides, int64_t size0, int64_t size1) {
     bool contiguous = size1 == 1;
     for (int k = 0; k < 7; ++k) contiguous = contiguous && strides[k] == sizeof(T);
     if (contiguous) {
-      sgd_contiguous<T, Penalty, Momentum, Nesterov>(
-          reinterpret_cast<T*>(data[0]), reinterpret_cast<T*>(data[1]),
-          reinterpret_cast<const T*>(data[3]), reinterpret_cast<const T*>(data[5]),
-          reinterpret_cast<const T*>(data[6]), size0, h.scale, h.lr, h.weight_decay,
-          h.momentum, h.keep, h.maximize ? T(-1) : T(1));
-    } else {
-      sgd_loop<T, Penalty, Momentum>(data, strides, size0, size1, h.scale, h.lr,
-                                     h.weight_decay, h.momentum, h.keep, h.nesterov,
-                                     h.maximize);
+      T* __restrict__ theta = reinterpret_cast<T*>(data[0]);
+      T* __restrict__ buf = reinterpret_cast<T*>(data[1]);
+      const T* __restrict__ grad = reinterpret_cast<const T*>(data[3]);
+      const T* __restrict__ a = reinterpret_cast<const T*>(data[5]);
+      const T* __restrict__ m = reinterpret_cast<const T*>(data[6]);
+#pragma omp simd
+      for (int64_t i = 0; i < size0; ++i) {
+        theta[i] = sgd_element<T, Penalty, Momentum, Nesterov>(
+            theta[i], buf + i, grad[i], Penalty ? a[i] : T(0), Penalty ? m[i] : T(0), h);
+      }
+      return;
+    }
+    for (int64_t outer = 0; outer < size1; ++outer) {
+      char* base[7];
+      for (int k = 0; k < 7; ++k) base[k] = data[k] + outer * strides[7 + k];
+      for (int64_t i = 0; i < size0; ++i) {
+        T* theta = reinterpret_cast<T*>(base[0] + i * strides[0]);
+        T* buf = reinterpret_cast<T*>(base[1] + i * strides[1]);
+        const T g = *reinterpret_cast<const T*>(base[3] + i * strides[3]);
+        const T a = Penalty ? *reinterpret_cast<const T*>(base[5] + i * strides[5]) : T(0);
+        const T m = Penalty ? *reinterpret_cast<const T*>(base[6] + i * strides[6]) : T(0);
+        *theta = sgd_element<T, Penalty, Momentum, Nesterov>(*theta, buf, g, a, m, h);
+      }
     }
   });
 }
@@ -223,8 +200,7 @@ void sgd_dispatch(at::TensorIterator& iter, const SgdHyper<T>& h, int mode) {
 void sgd_penalty_step(torch::Tensor param, torch::Tensor grad, c10::optional<torch::Tensor> buf,
                       bool first_step, c10::optional<torch::Tensor> importance,
                       c10::optional<torch::Tensor> centre, double scale, double lr,
-                      double weight_decay, double momentum, double dampening, bool nesterov,
-                      bool maximize) {
+                      double weight_decay, double momentum, double dampening, bool nesterov) {
   TORCH_CHECK(param.device().is_cpu(), "ewc fused SGD: tensors must be on the CPU");
   const bool penalty = importance.has_value();
   const int mode = buf.has_value() ? (first_step ? 1 : 2) : 0;
@@ -240,7 +216,7 @@ void sgd_penalty_step(torch::Tensor param, torch::Tensor grad, c10::optional<tor
     const SgdHyper<scalar_t> hyper{static_cast<scalar_t>(scale), static_cast<scalar_t>(lr),
                                    static_cast<scalar_t>(weight_decay),
                                    static_cast<scalar_t>(momentum),
-                                   static_cast<scalar_t>(1 - dampening), nesterov, maximize};
+                                   static_cast<scalar_t>(1 - dampening), nesterov};
     if (penalty) sgd_dispatch<scalar_t, true>(iter, hyper, mode);
     else sgd_dispatch<scalar_t, false>(iter, hyper, mode);
   });
@@ -252,29 +228,45 @@ _module: Any = None
 
 
 def fused_kernel() -> FusedKernel:
-    """Return the compiled penalty kernel, building the extension on the first call in this
-    process.
+    """Return the compiled penalty kernel of ``EWC(fused=True)``, building the extension on the
+    first call in this process.
 
     Raises:
-        RuntimeError: the kernel could not be built (no C++ compiler or ninja, ...); the
-            compiler's own error is chained as the cause.
+        RuntimeError: the kernel could not be built (no C++ compiler or ninja, ...), naming
+            ``EWC(fused=True)``; the compiler's own error is chained as the cause.
     """
-    kernel: FusedKernel = _compiled().add_penalty_grad
+    module = _compiled(
+        "EWC(fused=True)", "Use fused=False (the default, pure PyTorch) on this machine"
+    )
+    kernel: FusedKernel = module.add_penalty_grad
     return kernel
 
 
 def fused_sgd_kernel() -> FusedSGDKernel:
-    """Return the compiled SGD step of :class:`ewc.optim.SGD` (same extension, same errors as
-    :func:`fused_kernel`)."""
-    kernel: FusedSGDKernel = _compiled().sgd_penalty_step
+    """Return the compiled SGD step of :class:`ewc.optim.SGD` (same extension; a failed build
+    names ``ewc.optim.SGD``)."""
+    module = _compiled(
+        "ewc.optim.SGD",
+        "Use torch.optim.SGD with reg.penalty_grad_(model) before each step instead",
+    )
+    kernel: FusedSGDKernel = module.sgd_penalty_step
     return kernel
 
 
-def _compiled() -> Any:
+def _compiled(needed_by: str, instead: str) -> Any:
+    """The extension, built once per process; a failed build is a RuntimeError that names
+    ``needed_by`` and says what to do ``instead``."""
     global _module
     with _lock:
         if _module is None:
-            _module = _build()
+            try:
+                _module = _build()
+            except Exception as error:  # the loader raises several kinds; say what was built
+                raise RuntimeError(
+                    f"{needed_by}: the C++ CPU kernel of ewc could not be built: it needs a C++ "
+                    f"compiler and ninja; torch.utils.cpp_extension reported "
+                    f"{type(error).__name__}: {error}. {instead}."
+                ) from error
         return _module
 
 
@@ -288,27 +280,20 @@ cache name, so a cache shared between different machines never runs unsupported 
 
 
 def _build() -> Any:
-    try:
-        import torch
-        from torch.utils.cpp_extension import load_inline
+    import torch
+    from torch.utils.cpp_extension import load_inline
 
-        capability = torch.backends.cpu.get_cpu_capability()
-        module: Any = load_inline(
-            name=f"{KERNEL_NAME}_{capability.lower()}",
-            cpp_sources=[_SOURCE],
-            functions=["add_penalty_grad", "sgd_penalty_step"],
-            # no FMA contraction beyond the one addcmul_ itself uses (EWC_USE_FMA)
-            extra_cflags=[
-                "-O3",
-                "-fopenmp-simd",
-                "-ffp-contract=off",
-                *_CAPABILITY_FLAGS.get(capability, []),
-            ],
-            verbose=False,
-        )
-    except Exception as error:  # the loader raises several kinds; say what was being built
-        raise RuntimeError(
-            "the C++ CPU kernel of ewc could not be built: it needs a C++ compiler and ninja; "
-            f"torch.utils.cpp_extension reported {type(error).__name__}: {error}"
-        ) from error
-    return module
+    capability = torch.backends.cpu.get_cpu_capability()
+    return load_inline(
+        name=f"{KERNEL_NAME}_{capability.lower()}",
+        cpp_sources=[_SOURCE],
+        functions=["add_penalty_grad", "sgd_penalty_step"],
+        # no FMA contraction beyond the one addcmul_ itself uses (EWC_USE_FMA)
+        extra_cflags=[
+            "-O3",
+            "-fopenmp-simd",
+            "-ffp-contract=off",
+            *_CAPABILITY_FLAGS.get(capability, []),
+        ],
+        verbose=False,
+    )

@@ -160,7 +160,7 @@ class EWC:
         self.process_group = process_group
         self.fused = _check_bool(fused, "fused")
         # built now, so a machine without a compiler fails here rather than mid-training
-        self._fused_kernel: FusedKernel | None = _built_kernel() if fused else None
+        self._fused_kernel: FusedKernel | None = fused_kernel() if fused else None
         self._set_state(ConsolidatedState())
 
     # ------------------------------------------------------------------ state
@@ -436,7 +436,7 @@ class EWC:
         for stale in ("_workspace", "_aligned_cache"):  # pickles of ewc <= 0.1.0.dev0
             state.pop(stale, None)
         self.__dict__.update({"fused": False, "_aligned": None, **state})
-        self._fused_kernel = _built_kernel() if self.fused else None
+        self._fused_kernel = fused_kernel() if self.fused else None
 
     def __repr__(self) -> str:
         fused = ", fused=True" if self.fused else ""
@@ -448,16 +448,6 @@ class EWC:
 
 
 # ---------------------------------------------------------------------- argument checks
-def _built_kernel() -> FusedKernel:
-    try:
-        return fused_kernel()
-    except RuntimeError as error:
-        raise RuntimeError(
-            f"EWC(fused=True): {error}. Use fused=False (the default, pure PyTorch) on this "
-            "machine."
-        ) from error.__cause__ or error
-
-
 def _check_lambda(value: Any) -> float:
     return _finite_float(value, "ewc_lambda", "finite and >= 0", lambda number: number >= 0)
 

@@ -6,7 +6,7 @@ penalty reads ``grad``, ``A``, ``theta`` and ``m`` and writes ``grad``; then SGD
 one compiled pass per tensor (:func:`ewc._fused.fused_sgd_kernel`)::
 
     d = grad + 2 * ewc_lambda * A * (theta - m)       # the penalised gradient, never stored
-    d = -d if maximize;  d = d + weight_decay * theta
+    d = d + weight_decay * theta
     buf = d (first step) or momentum * buf + (1 - dampening) * d
     d = d + momentum * buf if nesterov else buf
     theta = theta - lr * d
@@ -48,10 +48,10 @@ from torch import Tensor, nn
 from torch.autograd.graph import increment_version
 from torch.optim.sgd import sgd
 
-from ewc._fused import FusedSGDKernel, fused_sgd_kernel
+from ewc._fused import fused_sgd_kernel
 from ewc._typing import short_repr
 from ewc.aligned import AlignedState
-from ewc.core import EWC
+from ewc.core import EWC, _check_module
 
 __all__ = ["SGD"]
 
@@ -98,10 +98,7 @@ class SGD(torch.optim.SGD):
     ) -> None:
         if not isinstance(reg, EWC):
             raise TypeError(f"Expected argument `reg` to be an ewc.EWC but got {short_repr(reg)}")
-        if not isinstance(model, nn.Module):
-            raise TypeError(
-                f"Expected argument `model` to be a torch.nn.Module but got {short_repr(model)}"
-            )
+        _check_module(model)
         super().__init__(
             params,
             lr=lr,
@@ -114,14 +111,10 @@ class SGD(torch.optim.SGD):
         )
         self.reg = reg
         self.model = model
-        if maximize:
-            raise ValueError(
-                "ewc.optim.SGD: Expected argument `maximize` to be False but got True: the EWC "
-                "penalty is minimised, and ascending the penalised gradient would push the "
-                "weights away from the consolidated ones"
-            )
-        self._kernel = _build_kernel()
+        _refuse_maximize(self.param_groups)
+        self._kernel = fused_sgd_kernel()
         self._view: AlignedState | None = None
+        self._terms: dict[int, tuple[Tensor, Tensor]] | None = None  # of self._view
         self._warned_unrelated = False
 
     @torch.no_grad()
@@ -154,7 +147,6 @@ class SGD(torch.optim.SGD):
                 float(group["momentum"]),
                 float(group["dampening"]),
                 bool(group["nesterov"]),
-                False,
             )
             increment_version(param)  # written in place, as torch's own in-place ops record
             if buffer is not None:
@@ -201,14 +193,11 @@ class SGD(torch.optim.SGD):
         if reg.tasks == 0 or reg.ewc_lambda == 0.0:
             terms: dict[int, tuple[Tensor, Tensor]] | None = {}
         else:
-            if any(group["maximize"] for group in self.param_groups):
-                raise ValueError(
-                    "ewc.optim.SGD: Expected `maximize` to be False in every parameter group but "
-                    "got maximize=True: the EWC penalty is minimised, and ascending the "
-                    "penalised gradient would push the weights away from the consolidated ones"
-                )
-            self._view = reg.state.bind(self.model, reuse=self._view)
-            terms = self._view.whole_cpu_terms()
+            _refuse_maximize(self.param_groups)
+            view = reg.state.bind(self.model, reuse=self._view)
+            if view is not self._view:  # the terms follow from the view: read them once
+                self._view, self._terms = view, view.whole_cpu_terms()
+            terms = self._terms
         if terms is not None and not self._one_pass_fits():
             terms = None
         return terms, 2.0 * reg.ewc_lambda
@@ -273,12 +262,22 @@ class SGD(torch.optim.SGD):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._kernel = _build_kernel()
+        self._kernel = fused_sgd_kernel()
         self._view = None
+        self._terms = None
         self._warned_unrelated = False
 
     def __repr__(self) -> str:
         return super().__repr__().replace("SGD (", f"ewc.optim.SGD (reg={self.reg!r}, ", 1)
+
+
+def _refuse_maximize(groups: list[dict[str, Any]]) -> None:
+    if any(group["maximize"] for group in groups):
+        raise ValueError(
+            "ewc.optim.SGD: Expected argument `maximize` to be False (in every parameter group) "
+            "but got maximize=True: the EWC penalty is minimised, and ascending the penalised "
+            "gradient would push the weights away from the consolidated ones"
+        )
 
 
 def _like(tensor: Tensor | None, param: Tensor) -> bool:
@@ -288,13 +287,3 @@ def _like(tensor: Tensor | None, param: Tensor) -> bool:
         and tensor.device == param.device
         and tensor.dtype == param.dtype
     )
-
-
-def _build_kernel() -> FusedSGDKernel:
-    try:
-        return fused_sgd_kernel()
-    except RuntimeError as error:
-        raise RuntimeError(
-            f"ewc.optim.SGD: {error}. Use torch.optim.SGD with reg.penalty_grad_(model) before "
-            "each step instead."
-        ) from error.__cause__ or error

@@ -60,10 +60,6 @@ class Workspace:
             self._buffers[key] = found
         return found[:size].view(tuple(int(s) for s in shape))
 
-    def clear(self) -> None:
-        """Drop every buffer (their memory goes back once nothing else refers to it)."""
-        self._buffers.clear()
-
     def __len__(self) -> int:
         return len(self._buffers)
 

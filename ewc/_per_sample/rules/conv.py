@@ -67,10 +67,12 @@ __all__ = [
 _Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 Method = Literal["gram", "examples"]
 
-CACHE_BYTES = 4 * 2**20
+CACHE_BYTES = 2 * 2**20
 """Target size (bytes) of one chunk of per-example gradients on the ``"examples"`` path: small
-enough to be squared and summed while still in the last-level cache, large enough that the
-per-chunk dispatch cost stays small."""
+enough to be squared and summed while still in cache, large enough that the per-chunk dispatch
+cost stays small. Measured on the small CNN's second convolution (batch 128, 9 signals, medians
+of 30 interleaved repeats): 2 MiB 14.0 ms against 4 MiB 16.0 ms at one thread, 11.1 against
+11.4 ms at two."""
 
 GRAM_WEIGHT = 0.6
 """Cost of the ``"examples"`` path per signal and position, in units of one position pair on the
@@ -251,25 +253,36 @@ def _pair_products(values: Tensor, off_diagonal: float) -> Tensor:
 def _by_examples(
     conv: _Conv, x: Tensor, g: Tensor, groups: int, row: int, memory_budget_bytes: int
 ) -> Tensor:
-    """The ``"examples"`` path: per-example gradients in cache-sized chunks, squared, summed."""
+    """The ``"examples"`` path: per-example gradients in cache-sized chunks, squared, summed.
+
+    The input is unfolded in chunks of examples sized to the memory budget; within one, the
+    per-example gradients of a cache-sized sub-chunk of examples and signals are written into one
+    reused buffer, squared in place and summed while still in cache."""
     count, examples, outputs, positions = (int(s) for s in g.shape)
     per_group = outputs // groups
     g = g.view(count, examples, groups, per_group, positions)
     item = x.element_size()
     grads_bytes = outputs * row * item  # one example's (or signal's) weight gradient
-    budget = min(memory_budget_bytes, max(CACHE_BYTES, grads_bytes))
-    k_chunk = chunk_size(count, grads_bytes, budget)
-    n_chunk = chunk_size(examples, k_chunk * grads_bytes + groups * row * positions * item, budget)
+    cache = min(memory_budget_bytes, max(CACHE_BYTES, grads_bytes))
+    k_chunk = chunk_size(count, grads_bytes, cache)
+    n_inner = chunk_size(examples, k_chunk * grads_bytes, cache)
+    cols_bytes = groups * row * positions * item
+    n_outer = chunk_size(examples, cols_bytes, max(1, memory_budget_bytes - cache))
+    n_outer = max(n_inner, n_outer - n_outer % n_inner)  # whole sub-chunks per unfolded chunk
     total = x.new_zeros(groups, per_group, row)
-    for n0 in range(0, examples, n_chunk):
-        cols = unfold_input(conv, x[n0 : n0 + n_chunk])  # (c, G R, L)
-        c = cols.shape[0]
-        cols_t = cols.view(c, groups, row, positions).transpose(-1, -2)  # (c, G, L, R), a view
-        for k0 in range(0, count, k_chunk):
-            gs = g[k0 : k0 + k_chunk, n0 : n0 + n_chunk]  # (kc, c, G, O/G, L)
-            kc = gs.shape[0]
-            lhs = gs.permute(1, 2, 0, 3, 4).reshape(c, groups, kc * per_group, positions)
-            grads = lhs @ cols_t  # (c, G, kc O/G, R)
-            squares = grads.square_().view(c, groups, kc, per_group, row)
-            total += squares.sum((0, 2))
+    buffer = x.new_empty(n_inner * groups * k_chunk * per_group * row)
+    for n0 in range(0, examples, n_outer):
+        cols = unfold_input(conv, x[n0 : n0 + n_outer])  # (c, G R, L)
+        cols_t = cols.view(cols.shape[0], groups, row, positions).transpose(-1, -2)  # (c, G, L, R)
+        for i0 in range(0, cols.shape[0], n_inner):
+            rhs = cols_t[i0 : i0 + n_inner]
+            c = rhs.shape[0]
+            for k0 in range(0, count, k_chunk):
+                gs = g[k0 : k0 + k_chunk, n0 + i0 : n0 + i0 + c]  # (kc, c, G, O/G, L)
+                kc = gs.shape[0]
+                lhs = gs.permute(1, 2, 0, 3, 4).reshape(c, groups, kc * per_group, positions)
+                out = buffer[: lhs.numel() // positions * row].view(c, groups, kc * per_group, row)
+                grads = torch.matmul(lhs, rhs, out=out)
+                squares = grads.square_().view(c, groups, kc, per_group, row)
+                total += squares.sum((0, 2))
     return total

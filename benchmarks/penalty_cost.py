@@ -42,7 +42,7 @@ from benchmarks._avalanche_shim import load_avalanche_ewc_plugin
 from benchmarks._common import Row, interleaved_times, median_ratio, mlp, progress
 from ewc import EWC
 
-__all__ = ["eager_profile_rows", "floor_rows", "run", "sgd_step_rows"]
+__all__ = ["adamw_step_rows", "eager_profile_rows", "floor_rows", "run", "sgd_step_rows"]
 
 LAMBDA = 100.0
 
@@ -346,6 +346,7 @@ def run(mode: str, out: Path) -> dict[str, list[Row]]:
         "penalty_vs_floor": floor_rows(mode, notes),
         "penalty_eager_profile": eager_profile_rows(mode),
         "penalty_in_sgd_step": sgd_step_rows(mode, notes),
+        "penalty_in_adamw_step": adamw_step_rows(mode, notes),
     }
     if notes:
         tables["penalty_notes"] = [{"note": n} for n in notes]
@@ -494,7 +495,7 @@ def _then(first: Callable[[], object], second: Callable[[], object]) -> Callable
 
 def sgd_step_rows(mode: str, notes: list[str] | None = None) -> list[Row]:
     """The ``penalty_in_sgd_step`` table: what the penalty adds to a ``torch.optim.SGD`` step
-    (momentum 0.9), at 1 and 2 threads, per model of :func:`floor_rows`.
+    (momentum 0.9, single-tensor), at 1 and 2 threads, per model of :func:`floor_rows`.
 
     Methods: the SGD step alone; ``penalty_grad_`` (default, and ``fused=True``) then the step;
     :class:`ewc.optim.SGD`, which applies the penalty inside its own pass; and the floor of
@@ -504,35 +505,63 @@ def sgd_step_rows(mode: str, notes: list[str] | None = None) -> list[Row]:
     """
     from ewc.optim import SGD
 
+    def optimizers(params: list[nn.Parameter], reg: EWC, model: nn.Module) -> tuple[Any, Any]:
+        plain = torch.optim.SGD(params, lr=1e-12, momentum=0.9, foreach=False)
+        return plain, SGD(params, lr=1e-12, momentum=0.9, reg=reg, model=model)
+
+    return _optimizer_step_rows(mode, notes, "sgd", optimizers)
+
+
+def adamw_step_rows(mode: str, notes: list[str] | None = None) -> list[Row]:
+    """The ``penalty_in_adamw_step`` table: as :func:`sgd_step_rows` for AdamW. The step alone is
+    torch's fastest CPU AdamW, ``fused=True`` (one compiled pass, no penalty); against it,
+    ``penalty_grad_`` then that step, and :class:`ewc.optim.AdamW`, whose one pass also applies
+    the penalty. A negative ``penalty_in_floors`` means ours, penalty included, beats torch's
+    step without it."""
+    from ewc.optim import AdamW
+
+    def optimizers(params: list[nn.Parameter], reg: EWC, model: nn.Module) -> tuple[Any, Any]:
+        plain = torch.optim.AdamW(params, lr=1e-12, fused=True)
+        return plain, AdamW(params, lr=1e-12, reg=reg, model=model)
+
+    return _optimizer_step_rows(mode, notes, "adamw", optimizers)
+
+
+def _optimizer_step_rows(
+    mode: str,
+    notes: list[str] | None,
+    name: str,
+    optimizers: Callable[[list[nn.Parameter], EWC, nn.Module], tuple[Any, Any]],
+) -> list[Row]:
     config = FLOOR_CONFIGS[mode]
     rows: list[Row] = []
     previous = torch.get_num_threads()
+    step = f"{name} step"
     try:
         for model_name, (model, reg, before) in _penalty_setups(config).items():
             fns, _ = _floor_fns(model, reg, notes)
             params = [p for p in model.parameters() if p.requires_grad]
-            plain = torch.optim.SGD(params, lr=1e-12, momentum=0.9, foreach=False)
             try:
-                ours = SGD(params, lr=1e-12, momentum=0.9, reg=reg, model=model)
+                plain, ours = optimizers(params, reg, model)
             except RuntimeError as error:
                 if notes is not None:
-                    notes.append(f"ewc.optim.SGD not measured: {error}")
+                    notes.append(f"ewc.optim ({name}) not measured: {error}")
                 continue
             methods: dict[str, Callable[[], object]] = {
                 FLOOR: fns[FLOOR],
-                "sgd step": plain.step,
-                "penalty_grad_ + sgd step": _then(fns["ewc.penalty_grad_"], plain.step),
-                "ewc.optim.SGD step": ours.step,
+                step: plain.step,
+                f"penalty_grad_ + {step}": _then(fns["ewc.penalty_grad_"], plain.step),
+                f"{type(ours).__module__}.{type(ours).__name__} step": ours.step,
             }
             if FUSED in fns:
-                methods["penalty_grad_ (fused=True) + sgd step"] = _then(fns[FUSED], plain.step)
+                methods[f"penalty_grad_ (fused=True) + {step}"] = _then(fns[FUSED], plain.step)
             for threads in (1, 2):
                 torch.set_num_threads(threads)
                 times = _timed_after(methods, before, config["repeats"])
                 for method, samples in times.items():
                     extra = [
-                        (t - step) / floor
-                        for t, step, floor in zip(samples, times["sgd step"], times[FLOOR])
+                        (t - alone) / floor
+                        for t, alone, floor in zip(samples, times[step], times[FLOOR])
                     ]
                     rows.append(
                         {
@@ -541,7 +570,7 @@ def sgd_step_rows(mode: str, notes: list[str] | None = None) -> list[Row]:
                             "method": method,
                             "ms": 1e3 * statistics.median(samples),
                             "penalty_in_floors": statistics.median(extra)
-                            if method not in (FLOOR, "sgd step")
+                            if method not in (FLOOR, step)
                             else float("nan"),
                         }
                     )

@@ -38,6 +38,10 @@ SHOWN: dict[str, tuple[tuple[str, ...], str]] = {
         ("model", "threads", "method", "ms", "penalty_in_floors"),
         "What the penalty adds to an SGD step (momentum 0.9), in memory-floor passes",
     ),
+    "penalty_in_adamw_step": (
+        ("model", "threads", "method", "ms", "penalty_in_floors"),
+        "What the penalty adds to a torch AdamW(fused=True) step, in memory-floor passes",
+    ),
     "penalty_eager_profile": (
         ("model", "part", "calls_per_call", "ms_per_call", "share_%"),
         "Where the default penalty_grad_ spends its time (torch.profiler, 1 thread)",

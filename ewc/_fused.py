@@ -1,4 +1,5 @@
-"""The single-pass CPU kernel behind ``EWC(fused=True)``, built on first use.
+"""The single-pass CPU kernels behind ``EWC(fused=True)``, ``ewc.optim.SGD`` and
+``ewc.optim.AdamW``, built on first use (one extension holds all three).
 
 Eager PyTorch has no elementwise operator with four tensor inputs, so the default
 :func:`ewc.penalty.add_penalty_grad_` needs two kernels per block (``theta - m``, then
@@ -9,7 +10,9 @@ and ``m`` once and writes ``grad`` once::
     grad[i] += scale * A[i] * (theta[i] - m[i])
     quadratic = sum_i A[i] * (theta[i] - m[i])^2              (only when asked; float64 sum)
 
-Cost: one pass, O(P) time, no extra memory.
+Cost: one pass, O(P) time, no extra memory. The optimizer kernels (:data:`FusedSGDKernel`,
+:data:`FusedAdamWKernel`) are torch's single-tensor steps on that penalised gradient, formed in
+registers, in one pass over the weights and the optimizer state.
 
 It iterates with ATen's ``TensorIterator``, so strides (the leading block of a grown parameter)
 and PyTorch's intra-op thread pool (``torch.set_num_threads``) are honoured, and it evaluates
@@ -26,7 +29,14 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["FusedKernel", "FusedSGDKernel", "fused_kernel", "fused_sgd_kernel"]
+__all__ = [
+    "FusedAdamWKernel",
+    "FusedKernel",
+    "FusedSGDKernel",
+    "fused_adamw_kernel",
+    "fused_kernel",
+    "fused_sgd_kernel",
+]
 
 FusedKernel = Callable[[Tensor, Tensor, Tensor, Tensor, float, bool], float]
 """``kernel(grad, importance, param, centre, scale, want_quadratic) -> quadratic`` (0.0 unless
@@ -39,7 +49,17 @@ gradient ``grad + scale * importance * (param - centre)`` (``importance``/``cent
 penalty), updating the momentum buffer ``buf`` (None without momentum; ``first_step``: it is
 written, not read). ``grad`` is not changed. Every tensor on the CPU, one dtype, same shape."""
 
-KERNEL_NAME = "ewc_fused_penalty_v4"
+FusedAdamWKernel = Callable[..., None]
+"""``kernel(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, importance, centre, scale, decay,
+beta1_weight, beta2, beta2_weight, bias2_sqrt, eps, neg_step_size)``: one step of
+``torch.optim.AdamW`` on ``param`` and its moments in place, on the gradient
+``grad + scale * importance * (param - centre)`` (``importance``/``centre`` None: no penalty;
+``max_exp_avg_sq`` None: no AMSGrad). The scalars are torch's: ``1 - lr * weight_decay``,
+``1 - beta1``, ``beta2``, ``1 - beta2``, ``sqrt(1 - beta2^t)``, ``eps``, ``-lr / (1 - beta1^t)``
+(computed by the caller as torch computes them). ``grad`` is not changed. Every tensor on the
+CPU, one dtype, same shape."""
+
+KERNEL_NAME = "ewc_fused_penalty_v5"
 """Part of the on-disk cache key: bump it whenever the source changes."""
 
 _SOURCE = r"""
@@ -221,6 +241,102 @@ void sgd_penalty_step(torch::Tensor param, torch::Tensor grad, c10::optional<tor
     else sgd_dispatch<scalar_t, false>(iter, hyper, mode);
   });
 }
+
+namespace {
+
+template <typename T>
+struct AdamHyper {
+  T scale, decay, beta1_weight, beta2, beta2_weight, bias2_sqrt, eps, neg_step_size;
+};
+
+// One element of torch.optim.AdamW's single-tensor step on the gradient g + scale A (theta - m),
+// in its order of operations: decoupled decay (param.mul_), exp_avg.lerp_, exp_avg_sq.mul_ then
+// addcmul_, the AMSGrad maximum, denom = sqrt(v) / bias2_sqrt + eps, param.addcdiv_. ATen's
+// lerp is fma(w, end - self, self) for w < 0.5, else fma(w - 1, end - self, end).
+template <typename T, bool Penalty, bool Amsgrad>
+inline void adam_element(T* theta, T* m1, T* v, T* vmax, T g, T a, T m, const AdamHyper<T>& h) {
+  T d = g;
+  if constexpr (Penalty) d = EWC_MULTIPLY_ADD(h.scale * a, *theta - m, d);
+  const T decayed = *theta * h.decay;
+  const T w = h.beta1_weight;
+  *m1 = w < T(0.5) ? EWC_MULTIPLY_ADD(w, d - *m1, *m1) : EWC_MULTIPLY_ADD(w - T(1), d - *m1, d);
+  *v = EWC_MULTIPLY_ADD(h.beta2_weight * d, d, *v * h.beta2);
+  T second = *v;
+  if constexpr (Amsgrad) {
+    *vmax = (*v > *vmax || *v != *v) ? *v : *vmax;  // torch.maximum: a NaN wins
+    second = *vmax;
+  }
+  const T denom = std::sqrt(second) / h.bias2_sqrt + h.eps;
+  *theta = decayed + h.neg_step_size * *m1 / denom;
+}
+
+template <typename T, bool Penalty, bool Amsgrad>
+void adam_run(at::TensorIterator& iter, const AdamHyper<T>& h) {
+  // data: [theta, m1, v, vmax (out), theta, grad, m1, v, vmax, importance, centre]; absent ones
+  // repeat theta, and are never read
+  iter.for_each([&](char** data, const int64_t* strides, int64_t size0, int64_t size1) {
+    bool contiguous = size1 == 1;
+    for (int k = 0; k < 11; ++k) contiguous = contiguous && strides[k] == sizeof(T);
+    if (contiguous) {
+      T* __restrict__ theta = reinterpret_cast<T*>(data[0]);
+      T* __restrict__ m1 = reinterpret_cast<T*>(data[1]);
+      T* __restrict__ v = reinterpret_cast<T*>(data[2]);
+      T* __restrict__ vmax = reinterpret_cast<T*>(data[3]);
+      const T* __restrict__ grad = reinterpret_cast<const T*>(data[5]);
+      const T* __restrict__ a = reinterpret_cast<const T*>(data[9]);
+      const T* __restrict__ m = reinterpret_cast<const T*>(data[10]);
+#pragma omp simd
+      for (int64_t i = 0; i < size0; ++i) {
+        adam_element<T, Penalty, Amsgrad>(theta + i, m1 + i, v + i, vmax + i, grad[i],
+                                          Penalty ? a[i] : T(0), Penalty ? m[i] : T(0), h);
+      }
+      return;
+    }
+    for (int64_t outer = 0; outer < size1; ++outer) {
+      char* base[11];
+      for (int k = 0; k < 11; ++k) base[k] = data[k] + outer * strides[11 + k];
+      for (int64_t i = 0; i < size0; ++i) {
+        auto at = [&](int k) { return reinterpret_cast<T*>(base[k] + i * strides[k]); };
+        const T a = Penalty ? *at(9) : T(0);
+        const T m = Penalty ? *at(10) : T(0);
+        adam_element<T, Penalty, Amsgrad>(at(0), at(1), at(2), at(3), *at(5), a, m, h);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void adamw_penalty_step(torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg,
+                        torch::Tensor exp_avg_sq, c10::optional<torch::Tensor> max_exp_avg_sq,
+                        c10::optional<torch::Tensor> importance,
+                        c10::optional<torch::Tensor> centre, double scale, double decay,
+                        double beta1_weight, double beta2, double beta2_weight,
+                        double bias2_sqrt, double eps, double neg_step_size) {
+  TORCH_CHECK(param.device().is_cpu(), "ewc fused AdamW: tensors must be on the CPU");
+  const bool penalty = importance.has_value();
+  const bool amsgrad = max_exp_avg_sq.has_value();
+  torch::Tensor vmax = amsgrad ? *max_exp_avg_sq : param;
+  torch::Tensor a = penalty ? *importance : param;
+  torch::Tensor m = penalty ? *centre : param;
+  auto config = at::TensorIteratorConfig();
+  config.add_output(param).add_output(exp_avg).add_output(exp_avg_sq).add_output(vmax);
+  config.add_const_input(param).add_const_input(grad).add_const_input(exp_avg);
+  config.add_const_input(exp_avg_sq).add_const_input(vmax).add_const_input(a).add_const_input(m);
+  config.resize_outputs(false).set_check_mem_overlap(false).check_all_same_dtype(true);
+  auto iter = config.build();
+  AT_DISPATCH_FLOATING_TYPES(iter.common_dtype(), "ewc_adamw_penalty_step", [&] {
+    using T = scalar_t;
+    const AdamHyper<T> hyper{static_cast<T>(scale),        static_cast<T>(decay),
+                             static_cast<T>(beta1_weight), static_cast<T>(beta2),
+                             static_cast<T>(beta2_weight), static_cast<T>(bias2_sqrt),
+                             static_cast<T>(eps),          static_cast<T>(neg_step_size)};
+    if (penalty && amsgrad) adam_run<T, true, true>(iter, hyper);
+    else if (penalty) adam_run<T, true, false>(iter, hyper);
+    else if (amsgrad) adam_run<T, false, true>(iter, hyper);
+    else adam_run<T, false, false>(iter, hyper);
+  });
+}
 """
 
 _lock = threading.Lock()
@@ -250,6 +366,17 @@ def fused_sgd_kernel() -> FusedSGDKernel:
         "Use torch.optim.SGD with reg.penalty_grad_(model) before each step instead",
     )
     kernel: FusedSGDKernel = module.sgd_penalty_step
+    return kernel
+
+
+def fused_adamw_kernel() -> FusedAdamWKernel:
+    """Return the compiled AdamW step of :class:`ewc.optim.AdamW` (same extension; a failed
+    build names ``ewc.optim.AdamW``)."""
+    module = _compiled(
+        "ewc.optim.AdamW",
+        "Use torch.optim.AdamW with reg.penalty_grad_(model) before each step instead",
+    )
+    kernel: FusedAdamWKernel = module.adamw_penalty_step
     return kernel
 
 
@@ -287,12 +414,13 @@ def _build() -> Any:
     return load_inline(
         name=f"{KERNEL_NAME}_{capability.lower()}",
         cpp_sources=[_SOURCE],
-        functions=["add_penalty_grad", "sgd_penalty_step"],
+        functions=["add_penalty_grad", "sgd_penalty_step", "adamw_penalty_step"],
         # no FMA contraction beyond the one addcmul_ itself uses (EWC_USE_FMA)
         extra_cflags=[
             "-O3",
             "-fopenmp-simd",
             "-ffp-contract=off",
+            "-fno-math-errno",  # sqrt without errno, so AdamW's loop vectorises; same results
             *_CAPABILITY_FLAGS.get(capability, []),
         ],
         verbose=False,

@@ -1,40 +1,54 @@
-"""``ewc.optim.SGD``: the EWC penalty applied inside the optimizer's own pass over the weights.
+"""``ewc.optim``: the EWC penalty applied inside the optimizer's own pass over the weights.
 
 ``reg.penalty_grad_(model)`` followed by ``optimizer.step()`` walks the parameters twice: the
-penalty reads ``grad``, ``A``, ``theta`` and ``m`` and writes ``grad``; then SGD reads ``theta``,
-``grad`` (and its momentum buffer) and writes ``theta`` (and the buffer). :class:`SGD` does both in
-one compiled pass per tensor (:func:`ewc._fused.fused_sgd_kernel`)::
+penalty reads ``grad``, ``A``, ``theta`` and ``m`` and writes ``grad``; then the optimizer reads
+``theta``, ``grad`` and its state and writes ``theta`` and its state. :class:`SGD` and
+:class:`AdamW` do both in one compiled pass per tensor (:mod:`ewc._fused`). The penalised gradient
+``d = grad + 2 * ewc_lambda * A * (theta - m)`` is formed in registers, never stored, and torch's
+own update follows in its order of operations. For SGD::
 
-    d = grad + 2 * ewc_lambda * A * (theta - m)       # the penalised gradient, never stored
     d = d + weight_decay * theta
     buf = d (first step) or momentum * buf + (1 - dampening) * d
     d = d + momentum * buf if nesterov else buf
     theta = theta - lr * d
 
-which is ``torch.optim.SGD``'s step, in its order of operations, on the penalised gradient. The
-penalty then costs two more arrays read in a pass that happens anyway (``A`` and ``m``) instead of
-a pass of its own. Measured in ``benchmarks/penalty_cost.py`` (table ``penalty_vs_floor``).
+for AdamW, at step ``t``::
 
-Differences from ``penalty_grad_`` + ``torch.optim.SGD``, by design:
+    theta = theta * (1 - lr * weight_decay)
+    exp_avg = lerp(exp_avg, d, 1 - beta1)
+    exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * d * d
+    v = max(max_exp_avg_sq, exp_avg_sq) with amsgrad (stored back), else exp_avg_sq
+    theta = theta - lr / (1 - beta1^t) * exp_avg / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+The penalty then costs two more arrays read in a pass that happens anyway (``A`` and ``m``)
+instead of a pass of its own. Measured in ``benchmarks/penalty_cost.py`` (tables
+``penalty_in_sgd_step`` and ``penalty_in_adamw_step``).
+
+Differences from ``penalty_grad_`` + the torch optimizer, by design:
 
 * ``.grad`` keeps the task gradient (the penalty's part is never written): gradient clipping or
   logging of ``.grad`` before the step sees the task gradient only. Use ``penalty_grad_`` where
   clipping must see the penalty (the Hugging Face adapter does).
 * Results equal the two-pass reference to rounding (a few units in the last place; the
-  penalised gradient is not rounded to storage in between), not bit for bit.
+  penalised gradient is not rounded to storage in between), not bit for bit. The optimizer state
+  has torch's names and format (``momentum_buffer``; ``step``, ``exp_avg``, ``exp_avg_sq``,
+  ``max_exp_avg_sq``), so a ``state_dict`` loads into the torch optimizer and back.
 * ``maximize=True`` is refused: the penalty is minimised, and ascending the penalised gradient
-  would push the weights away from the consolidated ones.
+  would push the weights away from the consolidated ones. So are AdamW's ``capturable`` and
+  ``differentiable`` (CUDA graphs, and autograd through the step, which one compiled pass cannot
+  record); ``foreach``/``fused`` do not exist here: the step is always the compiled pass.
 * Combine it with nothing else that applies the penalty (``penalty_grad_``, ``reg.penalty`` in
   the loss, the loop adapter's hook): each would add it again.
 
-Parameters the state does not hold (a new head) take the plain SGD step. When some consolidated
+Parameters the state does not hold (a new head) take the plain step. When some consolidated
 parameter cannot be read in one pass (grown since consolidation, an FSDP2 shard, off the CPU, or
 a dtype other than the state's, a sparse gradient), the step is the two-pass equivalent with
-torch's functional SGD, and every gradient of the model is put back afterwards, so the result and
-the meaning of ``.grad`` do not depend on the path.
+torch's functional SGD or Adam, and every gradient of the model is put back afterwards, so the
+result and the meaning of ``.grad`` do not depend on the path.
 
-The kernel needs a C++ compiler and ninja (``pip install "ewc[fused]"``), like
-``EWC(fused=True)``; it is built at construction (about 30 s the first time, then cached on disk).
+The kernels need a C++ compiler and ninja (``pip install "ewc[fused]"``), like
+``EWC(fused=True)``; they are built at construction (about 30 s the first time, then cached on
+disk).
 """
 
 from __future__ import annotations
@@ -46,17 +60,236 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import increment_version
+from torch.optim.adam import adam
 from torch.optim.sgd import sgd
 
-from ewc._fused import fused_sgd_kernel
+from ewc._fused import fused_adamw_kernel, fused_sgd_kernel
 from ewc._typing import short_repr
 from ewc.aligned import AlignedState
 from ewc.core import EWC, _check_module
 
-__all__ = ["SGD"]
+__all__ = ["SGD", "AdamW", "applies_penalty"]
+
+_Terms = dict[int, tuple[Tensor, Tensor]]
+"""Per ``id(param)``: ``(A, m)`` of a consolidated parameter the compiled pass can read."""
 
 
-class SGD(torch.optim.SGD):
+class _PenaltyInStep(torch.optim.Optimizer):
+    """What :class:`SGD` and :class:`AdamW` share: the terms read once per aligned view, the
+    per-parameter work list, the two-pass fallback, the refused options and pickling. Placed
+    before the torch optimizer in a subclass's bases; the subclass provides ``_state_of`` (its
+    per-parameter state, allocated before any weight moves), ``_one_pass`` (the kernel call) and
+    ``_functional_step`` (torch's functional step of one group, for the fallback)."""
+
+    _NAME: str
+    _STATE_KEYS: tuple[str, ...]  # the per-parameter state tensors the compiled pass reads
+    _SPARSE_GRADIENTS: bool  # whether the torch optimizer takes sparse gradients
+    _REFUSED = (("capturable", False), ("differentiable", False), ("foreach", False))
+    """Parameter-group options that one compiled CPU pass cannot honour, with the one value
+    accepted (None, torch's "default", is accepted too)."""
+
+    def _attach(self, reg: EWC, model: nn.Module) -> None:
+        self.reg = reg
+        self.model = model
+        self._refuse_maximize()
+        self._kernel = self._build_kernel()
+        self._view: AlignedState | None = None
+        self._terms: _Terms | None = None  # of self._view
+        self._warned_unrelated = False
+
+    @staticmethod
+    def _build_kernel() -> Callable[..., None]:
+        raise NotImplementedError
+
+    def _state_of(self, param: Tensor, grad: Tensor, group: dict[str, Any]) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def _one_pass(
+        self, param: Tensor, grad: Tensor, state: tuple[Any, ...], terms: tuple[Any, Any],
+        scale: float, group: dict[str, Any],
+    ) -> None:  # fmt: skip
+        raise NotImplementedError
+
+    def _functional_step(
+        self, group: dict[str, Any], stepped: list[Tensor], grads: list[Tensor]
+    ) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One step on the penalised gradient (see the module docstring).
+
+        Raises:
+            ValueError: a parameter group has ``maximize=True`` while a task is consolidated.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._refuse_sparse()
+        terms, scale = self._penalty_terms()
+        if terms is None:
+            self._two_pass_step()
+            return loss
+        work = self._prepared(terms)  # every check and allocation before any weight moves
+        for param, grad, state, penalty, group in work:
+            self._one_pass(param, grad, state, penalty, scale, group)
+            increment_version(param)  # written in place, as torch's own in-place ops record
+            for tensor in state:
+                if isinstance(tensor, Tensor):
+                    increment_version(tensor)
+        return loss
+
+    def _prepared(self, terms: _Terms) -> list[tuple[Any, ...]]:
+        """Per parameter to step: ``(param, grad, state, (A, m), group)``. A consolidated
+        parameter without a gradient gets zeros (as ``penalty_grad_`` does)."""
+        work = []
+        penalised = 0
+        for group in self.param_groups:
+            for param in group["params"]:
+                penalty = terms.get(id(param), (None, None))
+                penalised += penalty[0] is not None
+                grad = param.grad
+                if grad is None and penalty[0] is not None:
+                    grad = param.grad = torch.zeros_like(param)
+                if grad is None:
+                    continue
+                work.append((param, grad, self._state_of(param, grad, group), penalty, group))
+        if terms and penalised == 0 and not self._warned_unrelated:
+            self._warned_unrelated = True
+            warnings.warn(
+                f"{self._NAME}: none of this optimizer's parameters is a consolidated parameter "
+                f"of `model` ({type(self.model).__name__}), so its steps apply no penalty; pass "
+                "the model whose parameters the optimizer holds",
+                stacklevel=5,  # _prepared, step, no_grad, the hooks wrapper, caller
+            )
+        return work
+
+    def _penalty_terms(self) -> tuple[_Terms | None, float]:
+        """The single-pass terms by parameter and ``2 * ewc_lambda``; None when some parameter
+        needs the two-pass step (the module docstring says which)."""
+        reg = self.reg
+        if reg.tasks == 0 or reg.ewc_lambda == 0.0:
+            terms: _Terms | None = {}
+        else:
+            self._refuse_maximize()
+            view = reg.state.bind(self.model, reuse=self._view)
+            if view is not self._view:  # the terms follow from the view: read them once
+                self._view, self._terms = view, view.whole_cpu_terms()
+            terms = self._terms
+        if terms is not None and not self._one_pass_fits():
+            terms = None
+        return terms, 2.0 * reg.ewc_lambda
+
+    def _one_pass_fits(self) -> bool:
+        """Whether every parameter, its gradient and its state tensors are dense float32 or
+        float64 CPU tensors of one dtype, as the compiled pass reads them."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.device.type != "cpu" or param.dtype not in (torch.float32, torch.float64):
+                    return False
+                state = self.state.get(param, {})
+                tensors = [param.grad, *(state.get(key) for key in self._STATE_KEYS)]
+                if not all(_like(tensor, param) for tensor in tensors):
+                    return False
+        return True
+
+    def _two_pass_step(self) -> None:
+        """``penalty_grad_`` then torch's functional step on this optimizer's parameters, with
+        every gradient of the model put back as it was (``penalty_grad_`` writes them all)."""
+        params = {id(p): p for p in self.model.parameters()}
+        params.update({id(p): p for group in self.param_groups for p in group["params"]})
+        kept = {key: None if p.grad is None else p.grad.clone() for key, p in params.items()}
+        try:
+            self.reg.penalty_grad_(self.model)  # zero gradients where there were none
+            for group in self.param_groups:
+                stepped = [p for p in group["params"] if p.grad is not None]
+                self._functional_step(group, stepped, [p.grad for p in stepped])
+        finally:
+            mine = {id(p) for group in self.param_groups for p in group["params"]}
+            for key, p in params.items():
+                before = kept[key]
+                if before is None and p.grad is not None:  # made by penalty_grad_
+                    if key in mine:  # zeros, as on the single-pass path
+                        p.grad.zero_()
+                    else:
+                        p.grad = None
+                elif before is not None and p.grad is not None and before.layout == torch.strided:
+                    p.grad.copy_(before)
+                elif before is not None:
+                    p.grad = before
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As the torch optimizer's; a group asking for ``capturable``, ``differentiable``,
+        ``foreach`` or ``fused`` is refused (the step is always the one compiled pass)."""
+        for key, allowed in (*self._REFUSED, ("fused", False)):
+            value = param_group.get(key)
+            if value is not None and value != allowed:
+                raise ValueError(
+                    f"{self._NAME}: Expected parameter group option `{key}` to be {allowed} but "
+                    f"got {value!r}: the step is one compiled CPU pass"
+                )
+        super().add_param_group(param_group)
+
+    def _refuse_sparse(self) -> None:
+        """As torch's AdamW, before anything is written: no sparse gradient."""
+        if self._SPARSE_GRADIENTS:
+            return
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None and param.grad.is_sparse:
+                    raise RuntimeError(
+                        f"{self._NAME} does not support sparse gradients, but the parameter of "
+                        f"shape {tuple(param.shape)} has one; use torch.optim.SparseAdam for it"
+                    )
+
+    def _refuse_maximize(self) -> None:
+        if any(group["maximize"] for group in self.param_groups):
+            raise ValueError(
+                f"{self._NAME}: Expected argument `maximize` to be False (in every parameter "
+                "group) but got maximize=True: the EWC penalty is minimised, and ascending the "
+                "penalised gradient would push the weights away from the consolidated ones"
+            )
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "reg": self.reg, "model": self.model}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._kernel = self._build_kernel()
+        self._view = None
+        self._terms = None
+        self._warned_unrelated = False
+
+    def __repr__(self) -> str:
+        torch_name = type(self).__name__
+        return super().__repr__().replace(f"{torch_name} (", f"{self._NAME} (reg={self.reg!r}, ", 1)
+
+
+def applies_penalty(optimizer: object, reg: EWC | None = None) -> bool:
+    """Whether ``optimizer`` (or the optimizer it wraps as ``.optimizer``: Accelerate, Lightning)
+    is an ``ewc.optim`` optimizer applying ``reg``'s penalty in its step (any ``reg`` if None).
+
+    The adapters refuse such an optimizer for the same ``reg``: their own hook would apply the
+    penalty a second time."""
+    current: object = optimizer
+    for _ in range(16):
+        if isinstance(current, _PenaltyInStep):
+            return reg is None or current.reg is reg
+        inner = getattr(current, "optimizer", None)
+        if inner is None or inner is current:
+            return False
+        current = inner
+    return False
+
+
+def _check_arguments(reg: object, model: object) -> None:
+    if not isinstance(reg, EWC):
+        raise TypeError(f"Expected argument `reg` to be an ewc.EWC but got {short_repr(reg)}")
+    _check_module(model)
+
+
+class SGD(_PenaltyInStep, torch.optim.SGD):
     """``torch.optim.SGD`` whose step adds the gradient of ``reg.penalty(model)`` in its own pass.
 
     Args:
@@ -83,6 +316,10 @@ class SGD(torch.optim.SGD):
         >>> loss_fn(model(x), y).backward(); optimizer.step()  # doctest: +SKIP
     """
 
+    _NAME = "ewc.optim.SGD"
+    _STATE_KEYS = ("momentum_buffer",)
+    _SPARSE_GRADIENTS = True
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -96,10 +333,9 @@ class SGD(torch.optim.SGD):
         model: nn.Module,
         maximize: bool = False,
     ) -> None:
-        if not isinstance(reg, EWC):
-            raise TypeError(f"Expected argument `reg` to be an ewc.EWC but got {short_repr(reg)}")
-        _check_module(model)
-        super().__init__(
+        _check_arguments(reg, model)
+        torch.optim.SGD.__init__(  # the mixin has no __init__ of its own
+            self,
             params,
             lr=lr,
             momentum=momentum,
@@ -109,175 +345,198 @@ class SGD(torch.optim.SGD):
             maximize=maximize,
             foreach=False,
         )
-        self.reg = reg
-        self.model = model
-        _refuse_maximize(self.param_groups)
-        self._kernel = fused_sgd_kernel()
-        self._view: AlignedState | None = None
-        self._terms: dict[int, tuple[Tensor, Tensor]] | None = None  # of self._view
-        self._warned_unrelated = False
+        self._attach(reg, model)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """One SGD step on the penalised gradient (see the module docstring).
+    @staticmethod
+    def _build_kernel() -> Callable[..., None]:
+        return fused_sgd_kernel()
 
-        Raises:
-            ValueError: a parameter group has ``maximize=True`` while a task is consolidated.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        terms, scale = self._penalty_terms()
-        if terms is None:
-            self._two_pass_step()
-            return loss
-        work = self._prepared(terms)  # every check and allocation before any weight moves
-        for param, grad, buffer, first, importance, centre, group in work:
-            self._kernel(
-                param.detach(),
-                grad,
-                buffer,
-                first,
-                importance,
-                centre,
-                scale,
-                float(group["lr"]),
-                float(group["weight_decay"]),
-                float(group["momentum"]),
-                float(group["dampening"]),
-                bool(group["nesterov"]),
-            )
-            increment_version(param)  # written in place, as torch's own in-place ops record
-            if buffer is not None:
-                increment_version(buffer)
-        return loss
+    def _state_of(self, param: Tensor, grad: Tensor, group: dict[str, Any]) -> tuple[Any, ...]:
+        """``(momentum_buffer or None, first_step)``."""
+        if float(group["momentum"]) == 0.0:
+            return (None, False)
+        state = self.state[param]
+        buffer = state.get("momentum_buffer")
+        if buffer is None:
+            state["momentum_buffer"] = torch.empty_like(grad)
+            return (state["momentum_buffer"], True)
+        return (buffer, False)
 
-    def _prepared(self, terms: dict[int, tuple[Tensor, Tensor]]) -> list[tuple[Any, ...]]:
-        """Per parameter to step: ``(param, grad, buffer, first_step, A, m, group)``. A
-        consolidated parameter without a gradient gets zeros (as ``penalty_grad_`` does)."""
-        work = []
-        penalised = 0
-        for group in self.param_groups:
-            momentum = float(group["momentum"])
-            for param in group["params"]:
-                importance, centre = terms.get(id(param), (None, None))
-                penalised += importance is not None
-                grad = param.grad
-                if grad is None and importance is not None:
-                    grad = param.grad = torch.zeros_like(param)
-                if grad is None:
-                    continue
-                buffer, first = None, False
-                if momentum != 0.0:
-                    state = self.state[param]
-                    buffer = state.get("momentum_buffer")
-                    if buffer is None:
-                        buffer = state["momentum_buffer"] = torch.empty_like(grad)
-                        first = True
-                work.append((param, grad, buffer, first, importance, centre, group))
-        if terms and penalised == 0 and not self._warned_unrelated:
-            self._warned_unrelated = True
-            warnings.warn(
-                "ewc.optim.SGD: none of this optimizer's parameters is a consolidated parameter "
-                f"of `model` ({type(self.model).__name__}), so its steps apply no penalty; pass "
-                "the model whose parameters the optimizer holds",
-                stacklevel=3,
-            )
-        return work
-
-    def _penalty_terms(self) -> tuple[dict[int, tuple[Tensor, Tensor]] | None, float]:
-        """The single-pass terms by parameter and ``2 * ewc_lambda``; None when some parameter
-        needs the two-pass step (the module docstring says which)."""
-        reg = self.reg
-        if reg.tasks == 0 or reg.ewc_lambda == 0.0:
-            terms: dict[int, tuple[Tensor, Tensor]] | None = {}
-        else:
-            _refuse_maximize(self.param_groups)
-            view = reg.state.bind(self.model, reuse=self._view)
-            if view is not self._view:  # the terms follow from the view: read them once
-                self._view, self._terms = view, view.whole_cpu_terms()
-            terms = self._terms
-        if terms is not None and not self._one_pass_fits():
-            terms = None
-        return terms, 2.0 * reg.ewc_lambda
-
-    def _one_pass_fits(self) -> bool:
-        """Whether every parameter, its gradient and its momentum buffer are dense float32 or
-        float64 CPU tensors of one dtype, as the compiled pass reads them."""
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.device.type != "cpu" or param.dtype not in (torch.float32, torch.float64):
-                    return False
-                buffer = self.state.get(param, {}).get("momentum_buffer")
-                if not (_like(param.grad, param) and _like(buffer, param)):
-                    return False
-        return True
-
-    def _two_pass_step(self) -> None:
-        """``penalty_grad_`` then torch's functional SGD on this optimizer's parameters, with
-        every gradient of the model put back as it was (``penalty_grad_`` writes them all)."""
-        params = {id(p): p for p in self.model.parameters()}
-        params.update({id(p): p for group in self.param_groups for p in group["params"]})
-        kept = {key: None if p.grad is None else p.grad.clone() for key, p in params.items()}
-        try:
-            self.reg.penalty_grad_(self.model)  # zero gradients where there were none
-            for group in self.param_groups:
-                stepped = [p for p in group["params"] if p.grad is not None]
-                buffers = [self.state[p].get("momentum_buffer") for p in stepped]
-                sgd(
-                    stepped,
-                    [p.grad for p in stepped],
-                    buffers,
-                    has_sparse_grad=any(p.grad.is_sparse for p in stepped),
-                    foreach=False,
-                    weight_decay=group["weight_decay"],
-                    momentum=group["momentum"],
-                    lr=group["lr"],
-                    dampening=group["dampening"],
-                    nesterov=group["nesterov"],
-                    maximize=group["maximize"],
-                )
-                if group["momentum"] != 0:
-                    for p, buffer in zip(stepped, buffers):
-                        self.state[p]["momentum_buffer"] = buffer
-        finally:
-            mine = {id(p) for group in self.param_groups for p in group["params"]}
-            for key, p in params.items():
-                before = kept[key]
-                if before is None and p.grad is not None:  # made by penalty_grad_
-                    if key in mine:  # zeros, as on the single-pass path
-                        p.grad.zero_()
-                    else:
-                        p.grad = None
-                elif before is not None and p.grad is not None and before.layout == torch.strided:
-                    p.grad.copy_(before)
-                elif before is not None:
-                    p.grad = before
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state.update(reg=self.reg, model=self.model)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._kernel = fused_sgd_kernel()
-        self._view = None
-        self._terms = None
-        self._warned_unrelated = False
-
-    def __repr__(self) -> str:
-        return super().__repr__().replace("SGD (", f"ewc.optim.SGD (reg={self.reg!r}, ", 1)
-
-
-def _refuse_maximize(groups: list[dict[str, Any]]) -> None:
-    if any(group["maximize"] for group in groups):
-        raise ValueError(
-            "ewc.optim.SGD: Expected argument `maximize` to be False (in every parameter group) "
-            "but got maximize=True: the EWC penalty is minimised, and ascending the penalised "
-            "gradient would push the weights away from the consolidated ones"
+    def _one_pass(
+        self, param: Tensor, grad: Tensor, state: tuple[Any, ...], terms: tuple[Any, Any],
+        scale: float, group: dict[str, Any],
+    ) -> None:  # fmt: skip
+        buffer, first = state
+        self._kernel(
+            param.detach(),
+            grad,
+            buffer,
+            first,
+            *terms,
+            scale,
+            float(group["lr"]),
+            float(group["weight_decay"]),
+            float(group["momentum"]),
+            float(group["dampening"]),
+            bool(group["nesterov"]),
         )
+
+    def _functional_step(
+        self, group: dict[str, Any], stepped: list[Tensor], grads: list[Tensor]
+    ) -> None:
+        buffers = [self.state[p].get("momentum_buffer") for p in stepped]
+        sgd(
+            stepped,
+            grads,
+            buffers,
+            has_sparse_grad=any(grad.is_sparse for grad in grads),
+            foreach=False,
+            weight_decay=group["weight_decay"],
+            momentum=group["momentum"],
+            lr=group["lr"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            maximize=group["maximize"],
+        )
+        if group["momentum"] != 0:
+            for p, buffer in zip(stepped, buffers):
+                self.state[p]["momentum_buffer"] = buffer
+
+
+class AdamW(_PenaltyInStep, torch.optim.AdamW):
+    """``torch.optim.AdamW`` whose step adds the gradient of ``reg.penalty(model)`` in its pass.
+
+    The penalised gradient enters both moments, exactly as after ``penalty_grad_`` (the EWC
+    penalty is part of the loss here, unlike the decoupled weight decay).
+
+    Args:
+        params: as ``torch.optim.AdamW`` (tensors or parameter groups).
+        lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW`` (checked by
+            it; a tensor ``lr`` or ``betas`` is read as its value at each step).
+        reg: the :class:`~ewc.EWC` regulariser whose penalty is applied (read at every step).
+        model: the model whose parameters ``reg`` was consolidated on.
+
+    Raises:
+        TypeError: ``reg`` is not an :class:`~ewc.EWC` or ``model`` not an ``nn.Module``.
+        ValueError: ``maximize=True``, or an argument ``torch.optim.AdamW`` refuses.
+        RuntimeError: the compiled kernel cannot be built (no C++ compiler or ninja).
+
+    Cost per step: one pass over each parameter reading ``theta``, ``grad``, ``exp_avg``,
+    ``exp_avg_sq`` (and ``max_exp_avg_sq``), ``A`` and ``m`` and writing ``theta`` and the
+    moments; torch's single-tensor AdamW makes about nine passes over each parameter.
+
+    Example:
+        >>> optimizer = ewc.optim.AdamW(model.parameters(), lr=1e-3,  # doctest: +SKIP
+        ...                             reg=reg, model=model)
+    """
+
+    _NAME = "ewc.optim.AdamW"
+    _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _SPARSE_GRADIENTS = False
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        reg: EWC,
+        model: nn.Module,
+        maximize: bool = False,
+    ) -> None:
+        _check_arguments(reg, model)
+        torch.optim.AdamW.__init__(
+            self,
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=False,
+        )
+        self._attach(reg, model)
+
+    @staticmethod
+    def _build_kernel() -> Callable[..., None]:
+        return fused_adamw_kernel()
+
+    def _state_of(self, param: Tensor, grad: Tensor, group: dict[str, Any]) -> tuple[Any, ...]:
+        """``(step, exp_avg, exp_avg_sq, max_exp_avg_sq or None)``, created as torch does."""
+        state = self.state[param]
+        if len(state) == 0:
+            double = torch.get_default_dtype() == torch.float64
+            state["step"] = torch.tensor(0.0, dtype=torch.float64 if double else torch.float32)
+            for key in self._STATE_KEYS[: 3 if group["amsgrad"] else 2]:
+                state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        maximum = state["max_exp_avg_sq"] if group["amsgrad"] else None
+        return (state["step"], state["exp_avg"], state["exp_avg_sq"], maximum)
+
+    def _one_pass(
+        self, param: Tensor, grad: Tensor, state: tuple[Any, ...], terms: tuple[Any, Any],
+        scale: float, group: dict[str, Any],
+    ) -> None:  # fmt: skip
+        step, exp_avg, exp_avg_sq, maximum = state
+        step += 1
+        self._kernel(
+            param.detach(),
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            maximum,
+            *terms,
+            scale,
+            *_adamw_scalars(group, float(step), param.dtype),
+        )
+
+    def _functional_step(
+        self, group: dict[str, Any], stepped: list[Tensor], grads: list[Tensor]
+    ) -> None:
+        states = [self._state_of(p, p, group) for p in stepped]
+        beta1, beta2 = group["betas"]
+        adam(
+            stepped,
+            grads,
+            [s[1] for s in states],
+            [s[2] for s in states],
+            [s[3] for s in states] if group["amsgrad"] else [],
+            [s[0] for s in states],
+            foreach=False,
+            decoupled_weight_decay=True,
+            amsgrad=group["amsgrad"],
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+        )
+
+
+def _adamw_scalars(group: dict[str, Any], step: float, dtype: torch.dtype) -> tuple[float, ...]:
+    """``(1 - lr wd, 1 - beta1, beta2, 1 - beta2, sqrt(1 - beta2^t), eps, -lr / (1 - beta1^t))``
+    by the expressions of torch's single-tensor AdamW, so that tensor ``lr``/``betas`` round as
+    there (in their own dtype; ``1 - beta1`` in the parameter's, as torch's lerp weight)."""
+    lr, (beta1, beta2) = group["lr"], group["betas"]
+    beta1_weight = 1 - (beta1.to(dtype) if isinstance(beta1, Tensor) else beta1)
+    step_size = lr / (1 - beta1**step)
+    bias2_sqrt = (1 - beta2**step) ** 0.5
+    return tuple(
+        float(value)
+        for value in (
+            1 - lr * group["weight_decay"],
+            beta1_weight,
+            beta2,
+            1 - beta2,
+            bias2_sqrt,
+            group["eps"],
+            -step_size,
+        )
+    )
 
 
 def _like(tensor: Tensor | None, param: Tensor) -> bool:

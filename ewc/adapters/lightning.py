@@ -45,6 +45,7 @@ from torch.utils.data import DistributedSampler
 
 from ewc._per_sample.batching import first_examples
 from ewc._typing import Batch, Criterion, ForwardFn
+from ewc.adapters.loop import refuse_penalty_in_step
 from ewc.core import EWC, ConsolidationReport
 from ewc.views import examples_before_padding
 
@@ -126,7 +127,12 @@ class EWCCallback(pl.Callback):
 
         With several optimizers, each optimizer step adds the gradient of every regularised
         parameter of the module, not only of the parameters that optimizer steps.
+
+        Raises:
+            ValueError: ``optimizer`` is an ``ewc.optim`` optimizer applying this regulariser's
+                penalty itself (it would be applied twice); nothing has been added yet.
         """
+        refuse_penalty_in_step(self.reg, optimizer)
         value = self.reg.penalty_grad_(pl_module, return_penalty=self.log_penalty)
         if value is not None:  # the value comes from the same pass as the gradient
             pl_module.log(self.log_name, value.float(), on_step=True, on_epoch=False)

@@ -55,7 +55,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ewc.core import EWC
 
-__all__ = ["PenaltyHookHandle", "attach", "innermost_optimizer"]
+__all__ = ["PenaltyHookHandle", "attach", "innermost_optimizer", "refuse_penalty_in_step"]
 
 _ATTACHED: weakref.WeakKeyDictionary[Optimizer, PenaltyHookHandle] = weakref.WeakKeyDictionary()
 
@@ -115,6 +115,8 @@ def attach(reg: EWC, model: nn.Module, optimizer: Any) -> PenaltyHookHandle:
 
     Raises:
         TypeError: an argument is of the wrong type.
+        ValueError: ``optimizer`` is an ``ewc.optim`` optimizer that applies ``reg``'s penalty in
+            its own step (the hook would apply it twice).
         RuntimeError: a penalty hook is already attached to ``optimizer``.
 
     Example:
@@ -132,6 +134,7 @@ def attach(reg: EWC, model: nn.Module, optimizer: Any) -> PenaltyHookHandle:
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected argument `model` to be a torch.nn.Module but got {model!r}")
     optimizer = innermost_optimizer(optimizer)
+    refuse_penalty_in_step(reg, optimizer)
     existing = _ATTACHED.get(optimizer)
     if existing is not None and not existing.removed:
         raise RuntimeError(
@@ -153,6 +156,23 @@ def attach(reg: EWC, model: nn.Module, optimizer: Any) -> PenaltyHookHandle:
     handle = PenaltyHookHandle(optimizer, optimizer.register_step_pre_hook(step_pre_hook))
     _ATTACHED[optimizer] = handle
     return handle
+
+
+def refuse_penalty_in_step(reg: EWC, optimizer: Any) -> None:
+    """Raise if ``optimizer`` already applies ``reg``'s penalty in its step (``ewc.optim``).
+
+    Raises:
+        ValueError: it does; an adapter adding the penalty gradient too would apply it twice.
+    """
+    from ewc.optim import applies_penalty  # builds nothing on import
+
+    if applies_penalty(optimizer, reg):
+        raise ValueError(
+            f"Expected argument `optimizer` to be an optimizer without the EWC penalty but got "
+            f"{type(innermost_optimizer(optimizer)).__name__} from ewc.optim, which applies this "
+            "regulariser's penalty in its own step: use it without the adapter (or the adapter "
+            "with a torch optimizer), or the penalty is applied twice per step"
+        )
 
 
 def innermost_optimizer(optimizer: Any) -> Optimizer:

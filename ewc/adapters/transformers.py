@@ -71,7 +71,7 @@ except ModuleNotFoundError as error:  # pragma: no cover - exercised without tra
 
 from ewc._per_sample.batching import first_examples
 from ewc._typing import Batch, Criterion, ForwardFn
-from ewc.adapters.loop import PenaltyHookHandle, attach
+from ewc.adapters.loop import PenaltyHookHandle, attach, refuse_penalty_in_step
 from ewc.core import EWC, ConsolidationReport
 from ewc.views import accelerate_shard_examples, examples_before_padding
 
@@ -179,7 +179,12 @@ class EWCCallback(TrainerCallback):
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Restore the EWC state when resuming; without the mixin, hook the penalty on the
-        optimizer."""
+        optimizer.
+
+        Raises:
+            ValueError: the Trainer's optimizer is an ``ewc.optim`` optimizer applying this
+                regulariser's penalty itself (it would be applied twice).
+        """
         resume_from = self.resume_from
         self.resume_from = None
         if resume_from is None and state.global_step > 0:  # resumed by a plain Trainer
@@ -187,9 +192,11 @@ class EWCCallback(TrainerCallback):
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         self._penalty_sum, self._penalty_steps = 0.0, 0
+        model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
+        if optimizer is not None:
+            refuse_penalty_in_step(self.reg, optimizer)
         if self.placed_by_trainer:
             return
-        model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
         if model is None or optimizer is None:
             raise RuntimeError(
                 "EWCCallback got no model or optimizer from the Trainer at on_train_begin"

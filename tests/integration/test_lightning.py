@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -315,3 +316,46 @@ def test_first_examples_needs_batched_tensors():
     assert list(first_examples([1, 2], None)) == [1, 2]
     with pytest.raises(ValueError, match=r"first 1 examples.*type str"):
         list(first_examples(["no tensors"], 1))
+
+
+@pytest.mark.skipif(
+    shutil.which("c++") is None or shutil.which("ninja") is None,
+    reason="ewc.optim builds a C++ kernel: needs a C++ compiler and ninja",
+)
+def test_an_ewc_optim_optimizer_of_the_same_reg_is_refused_and_works_without_the_callback(
+    after_task_a: tuple[Classifier, EWCCallback], tmp_path: Path
+) -> None:
+    """``configure_optimizers`` returning ``ewc.optim.SGD`` trains like the callback with
+    ``torch.optim.SGD`` (the same lr, no clipping); with the callback of the same regulariser
+    as well, the first step is refused before anything is added."""
+    import ewc.optim
+
+    module_a, callback_a = after_task_a
+
+    class OwnStep(Classifier):
+        def __init__(self, reg: EWC) -> None:
+            super().__init__()
+            self.reg = reg
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return ewc.optim.SGD(self.parameters(), lr=0.1, reg=self.reg, model=self)
+
+    reg = _reg_like(callback_a)
+    ours = OwnStep(reg)
+    ours.load_state_dict(module_a.state_dict())
+    _trainer(tmp_path, []).fit(ours, TASK_B)
+    reference = copy.deepcopy(module_a)
+    callback = EWCCallback(
+        _reg_like(callback_a), criterion=nn.CrossEntropyLoss(), consolidate_on_fit_end=False
+    )
+    _trainer(tmp_path, [callback]).fit(reference, TASK_B)
+    for name, weight in _weights(reference).items():
+        torch.testing.assert_close(_weights(ours)[name], weight, rtol=1e-5, atol=1e-6)
+
+    twice = OwnStep(reg)
+    twice.load_state_dict(module_a.state_dict())
+    before = _weights(twice)
+    refusing = EWCCallback(reg, criterion=nn.CrossEntropyLoss())
+    with pytest.raises(ValueError, match=r"`optimizer`.*SGD from ewc\.optim.*twice"):
+        _trainer(tmp_path, [refusing]).fit(twice, TASK_B)
+    assert _distance(_weights(twice), before) == 0.0

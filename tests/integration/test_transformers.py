@@ -4,6 +4,7 @@ from configs (random weights, never downloaded)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -438,3 +439,65 @@ def test_under_fp16_loss_scaling_the_penalty_gradient_is_scaled_with_the_task_gr
     torch.testing.assert_close(scaled, plain)  # the logged value is the unscaled penalty
     for param, want in zip(model.parameters(), unscaled):
         assert torch.equal(param.grad / 2.0**16, want)  # power-of-two scale: exact
+
+
+needs_compiler = pytest.mark.skipif(
+    shutil.which("c++") is None or shutil.which("ninja") is None,
+    reason="ewc.optim builds a C++ kernel: needs a C++ compiler and ninja",
+)
+
+
+@needs_compiler
+def test_ewc_optim_adamw_in_a_plain_trainer_trains_like_the_callback(tmp_path: Path) -> None:
+    """``Trainer(optimizers=(ewc.optim.AdamW(...), scheduler))`` with no callback: Accelerate
+    wraps it and steps it once per real step, and the weights equal those of ``EWCTrainer`` +
+    ``EWCCallback`` + ``torch.optim.AdamW`` (no clipping, so both see the same gradient),
+    in float64; the callback refuses that optimizer for the same regulariser."""
+    import ewc.optim
+
+    task_a = classification_task(0)
+    task_b = DictDataset(**{k: v.double() if v.is_floating_point() else v
+                            for k, v in classification_task(1).columns.items()})  # fmt: skip
+
+    def after_task_a() -> tuple[nn.Module, EWC]:
+        model = TinyClassifier().double()
+        reg = EWC(50.0)
+        batches = [(batch["x"].double(), batch["labels"]) for batch in DataLoader(task_a, 8)]
+        reg.consolidate(model, batches, nn.CrossEntropyLoss())
+        return model, reg
+
+    settings = {"max_grad_norm": 0.0, "num_train_epochs": 2, "gradient_accumulation_steps": 2}
+    model, reg = after_task_a()
+    optimizer = ewc.optim.AdamW(model.parameters(), lr=0.01, reg=reg, model=model)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    Trainer(
+        model=model,
+        args=args(tmp_path / "ours", **settings),
+        train_dataset=task_b,
+        optimizers=(optimizer, schedule),
+    ).train()
+
+    reference, reference_reg = after_task_a()
+    torch_adamw = torch.optim.AdamW(reference.parameters(), lr=0.01, foreach=False)
+    callback = EWCCallback(
+        reference_reg, forward=classifier_forward, criterion=nn.CrossEntropyLoss()
+    )
+    EWCTrainer(
+        model=reference,
+        args=args(tmp_path / "reference", **settings),
+        train_dataset=task_b,
+        callbacks=[callback],
+        optimizers=(torch_adamw, torch.optim.lr_scheduler.LambdaLR(torch_adamw, lambda _: 1.0)),
+    ).train()
+    assert optimizer.state[model.net[0].weight]["step"] == 6  # 24 examples, 4 x 2 per step
+    for (name, mine), expected in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(mine, expected, rtol=1e-10, atol=1e-12, msg=name)
+
+    with pytest.raises(ValueError, match=r"`optimizer`.*AdamW from ewc\.optim.*twice"):
+        EWCTrainer(
+            model=model,
+            args=args(tmp_path / "twice"),
+            train_dataset=task_b,
+            callbacks=[EWCCallback(reg, forward=classifier_forward)],
+            optimizers=(optimizer, schedule),
+        ).train()

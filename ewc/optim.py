@@ -53,6 +53,8 @@ disk).
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -63,6 +65,7 @@ from torch.autograd.graph import increment_version
 from torch.optim.adam import adam
 from torch.optim.sgd import sgd
 
+import ewc
 from ewc._fused import fused_adamw_kernel, fused_sgd_kernel
 from ewc._typing import short_repr
 from ewc.aligned import AlignedState
@@ -110,8 +113,11 @@ class _PenaltyInStep(torch.optim.Optimizer):
     ) -> None:  # fmt: skip
         raise NotImplementedError
 
+    def _fallback_state(self, group: dict[str, Any], stepped: list[Tensor]) -> Any:
+        raise NotImplementedError
+
     def _functional_step(
-        self, group: dict[str, Any], stepped: list[Tensor], grads: list[Tensor]
+        self, group: dict[str, Any], stepped: list[Tensor], grads: list[Tensor], state: Any
     ) -> None:
         raise NotImplementedError
 
@@ -120,13 +126,17 @@ class _PenaltyInStep(torch.optim.Optimizer):
         """One step on the penalised gradient (see the module docstring).
 
         Raises:
-            ValueError: a parameter group has ``maximize=True`` while a task is consolidated.
+            ValueError: a parameter group has ``maximize=True`` (loaded with a state dict), or a
+                state tensor's shape differs from its parameter's (another model's state).
+            RuntimeError: a sparse gradient where the torch optimizer refuses one (AdamW).
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._refuse_maximize()
         self._refuse_sparse()
+        self._check_state_shapes()
         terms, scale = self._penalty_terms()
         if terms is None:
             self._two_pass_step()
@@ -144,6 +154,7 @@ class _PenaltyInStep(torch.optim.Optimizer):
         """Per parameter to step: ``(param, grad, state, (A, m), group)``. A consolidated
         parameter without a gradient gets zeros (as ``penalty_grad_`` does)."""
         work = []
+        zeros = []
         penalised = 0
         for group in self.param_groups:
             for param in group["params"]:
@@ -151,17 +162,20 @@ class _PenaltyInStep(torch.optim.Optimizer):
                 penalised += penalty[0] is not None
                 grad = param.grad
                 if grad is None and penalty[0] is not None:
-                    grad = param.grad = torch.zeros_like(param)
+                    grad = torch.zeros_like(param)
+                    zeros.append((param, grad))
                 if grad is None:
                     continue
                 work.append((param, grad, self._state_of(param, grad, group), penalty, group))
+        for param, grad in zeros:  # set only once nothing can fail any more
+            param.grad = grad
         if terms and penalised == 0 and not self._warned_unrelated:
             self._warned_unrelated = True
             warnings.warn(
                 f"{self._NAME}: none of this optimizer's parameters is a consolidated parameter "
                 f"of `model` ({type(self.model).__name__}), so its steps apply no penalty; pass "
                 "the model whose parameters the optimizer holds",
-                stacklevel=5,  # _prepared, step, no_grad, the hooks wrapper, caller
+                stacklevel=_first_frame_outside(),
             )
         return work
 
@@ -172,7 +186,6 @@ class _PenaltyInStep(torch.optim.Optimizer):
         if reg.tasks == 0 or reg.ewc_lambda == 0.0:
             terms: _Terms | None = {}
         else:
-            self._refuse_maximize()
             view = reg.state.bind(self.model, reuse=self._view)
             if view is not self._view:  # the terms follow from the view: read them once
                 self._view, self._terms = view, view.whole_cpu_terms()
@@ -202,9 +215,12 @@ class _PenaltyInStep(torch.optim.Optimizer):
         kept = {key: None if p.grad is None else p.grad.clone() for key, p in params.items()}
         try:
             self.reg.penalty_grad_(self.model)  # zero gradients where there were none
-            for group in self.param_groups:
+            plan = []
+            for group in self.param_groups:  # every state read (or created) before any step
                 stepped = [p for p in group["params"] if p.grad is not None]
-                self._functional_step(group, stepped, [p.grad for p in stepped])
+                plan.append((group, stepped, self._fallback_state(group, stepped)))
+            for group, stepped, state in plan:
+                self._functional_step(group, stepped, [p.grad for p in stepped], state)
         finally:
             mine = {id(p) for group in self.param_groups for p in group["params"]}
             for key, p in params.items():
@@ -229,7 +245,19 @@ class _PenaltyInStep(torch.optim.Optimizer):
                     f"{self._NAME}: Expected parameter group option `{key}` to be {allowed} but "
                     f"got {value!r}: the step is one compiled CPU pass"
                 )
+        if param_group.get("maximize"):
+            self._refuse_maximize([param_group])
         super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As the torch optimizer's; a state dict of torch's ``fused``/``foreach``/
+        ``capturable`` optimizer loads with those mechanism options reset to this one's (its
+        values are the same maths), and ``maximize=True`` in it is refused at the next step."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.update({key: value for key, value in self._REFUSED if key in group})
+            if "fused" in group:
+                group["fused"] = None
 
     def _refuse_sparse(self) -> None:
         """As torch's AdamW, before anything is written: no sparse gradient."""
@@ -243,8 +271,24 @@ class _PenaltyInStep(torch.optim.Optimizer):
                         f"shape {tuple(param.shape)} has one; use torch.optim.SparseAdam for it"
                     )
 
-    def _refuse_maximize(self) -> None:
-        if any(group["maximize"] for group in self.param_groups):
+    def _check_state_shapes(self) -> None:
+        """Every state tensor has its parameter's shape, checked before anything is written."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state.get(param, {})
+                for key in self._STATE_KEYS:
+                    tensor = state.get(key)
+                    if isinstance(tensor, Tensor) and tensor.shape != param.shape:
+                        raise ValueError(
+                            f"{self._NAME}: Expected the optimizer state `{key}` of the "
+                            f"parameter of shape {tuple(param.shape)} to have that shape but got "
+                            f"{tuple(tensor.shape)} (a state dict of another model?)"
+                        )
+
+    def _refuse_maximize(self, groups: list[dict[str, Any]] | None = None) -> None:
+        if any(
+            group.get("maximize") for group in (self.param_groups if groups is None else groups)
+        ):
             raise ValueError(
                 f"{self._NAME}: Expected argument `maximize` to be False (in every parameter "
                 "group) but got maximize=True: the EWC penalty is minimised, and ascending the "
@@ -381,10 +425,13 @@ class SGD(_PenaltyInStep, torch.optim.SGD):
             bool(group["nesterov"]),
         )
 
+    def _fallback_state(self, group: dict[str, Any], stepped: list[Tensor]) -> Any:
+        return [self.state[p].get("momentum_buffer") for p in stepped]
+
     def _functional_step(
-        self, group: dict[str, Any], stepped: list[Tensor], grads: list[Tensor]
+        self, group: dict[str, Any], stepped: list[Tensor], grads: list[Tensor], state: Any
     ) -> None:
-        buffers = [self.state[p].get("momentum_buffer") for p in stepped]
+        buffers = state
         sgd(
             stepped,
             grads,
@@ -481,7 +528,6 @@ class AdamW(_PenaltyInStep, torch.optim.AdamW):
         scale: float, group: dict[str, Any],
     ) -> None:  # fmt: skip
         step, exp_avg, exp_avg_sq, maximum = state
-        step += 1
         self._kernel(
             param.detach(),
             grad,
@@ -490,13 +536,17 @@ class AdamW(_PenaltyInStep, torch.optim.AdamW):
             maximum,
             *terms,
             scale,
-            *_adamw_scalars(group, float(step), param.dtype),
+            *_adamw_scalars(group, float(step) + 1, param.dtype),
         )
+        step += 1  # after the kernel, which checks the shapes before writing anything
+
+    def _fallback_state(self, group: dict[str, Any], stepped: list[Tensor]) -> Any:
+        return [self._state_of(p, p, group) for p in stepped]
 
     def _functional_step(
-        self, group: dict[str, Any], stepped: list[Tensor], grads: list[Tensor]
+        self, group: dict[str, Any], stepped: list[Tensor], grads: list[Tensor], state: Any
     ) -> None:
-        states = [self._state_of(p, p, group) for p in stepped]
+        states = state
         beta1, beta2 = group["betas"]
         adam(
             stepped,
@@ -521,7 +571,7 @@ def _adamw_scalars(group: dict[str, Any], step: float, dtype: torch.dtype) -> tu
     """``(1 - lr wd, 1 - beta1, beta2, 1 - beta2, sqrt(1 - beta2^t), eps, -lr / (1 - beta1^t))``
     by the expressions of torch's single-tensor AdamW, so that tensor ``lr``/``betas`` round as
     there (in their own dtype; ``1 - beta1`` in the parameter's, as torch's lerp weight)."""
-    lr, (beta1, beta2) = group["lr"], group["betas"]
+    lr, beta1, beta2 = (_squeezed(value) for value in (group["lr"], *group["betas"]))
     beta1_weight = 1 - (beta1.to(dtype) if isinstance(beta1, Tensor) else beta1)
     step_size = lr / (1 - beta1**step)
     bias2_sqrt = (1 - beta2**step) ** 0.5
@@ -539,10 +589,31 @@ def _adamw_scalars(group: dict[str, Any], step: float, dtype: torch.dtype) -> tu
     )
 
 
+def _squeezed(value: Any) -> Any:
+    """A one-element tensor hyperparameter as the 0-dim tensor torch's step computes with
+    (``torch.optim.optimizer._to_scalar``); anything else as it is."""
+    return value.squeeze() if isinstance(value, Tensor) and value.dim() != 0 else value
+
+
 def _like(tensor: Tensor | None, param: Tensor) -> bool:
-    """``tensor`` is absent, or dense with ``param``'s device and dtype."""
+    """``tensor`` is absent, or dense with ``param``'s shape, device and dtype."""
     return tensor is None or (
         tensor.layout == torch.strided
+        and tensor.shape == param.shape
         and tensor.device == param.device
         and tensor.dtype == param.dtype
     )
+
+
+_INSIDE = tuple(
+    os.path.dirname(module.__file__) + os.sep for module in (torch, ewc) if module.__file__
+)
+
+
+def _first_frame_outside() -> int:
+    """The ``stacklevel`` of the first caller outside torch and ewc (the user's ``step()``,
+    whatever wraps it: hooks, ``no_grad``, an LR scheduler), for a warning raised here."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INSIDE):
+        frame, level = frame.f_back, level + 1
+    return level

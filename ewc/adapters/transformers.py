@@ -185,6 +185,9 @@ class EWCCallback(TrainerCallback):
             ValueError: the Trainer's optimizer is an ``ewc.optim`` optimizer applying this
                 regulariser's penalty itself (it would be applied twice).
         """
+        model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
+        if optimizer is not None:  # before anything changes
+            refuse_penalty_in_step(self.reg, optimizer)
         resume_from = self.resume_from
         self.resume_from = None
         if resume_from is None and state.global_step > 0:  # resumed by a plain Trainer
@@ -192,9 +195,6 @@ class EWCCallback(TrainerCallback):
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         self._penalty_sum, self._penalty_steps = 0.0, 0
-        model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
-        if optimizer is not None:
-            refuse_penalty_in_step(self.reg, optimizer)
         if self.placed_by_trainer:
             return
         if model is None or optimizer is None:

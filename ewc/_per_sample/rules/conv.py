@@ -260,9 +260,10 @@ def _by_examples(
 
     Per chunk of examples (and signals) sized to :data:`CACHE_BYTES` per thread, the input is
     unfolded and the per-example gradients are written into one buffer reused across chunks,
-    squared in place and summed while still in cache. Small chunks matter twice: an unfolded batch of a few MiB
-    is a fresh allocation whose pages fault on first touch (4 ms instead of 0.9 ms for the small
-    CNN's second convolution), and the gradients stay in cache between the matmul and the sum."""
+    squared in place and summed while still in cache. Small chunks matter twice: an unfolded
+    batch of a few MiB is a fresh allocation whose pages fault on first touch (4 ms instead of
+    0.9 ms for the small CNN's second convolution), and the gradients stay in cache between the
+    matmul and the sum."""
     count, examples, outputs, positions = (int(s) for s in g.shape)
     per_group = outputs // groups
     g = g.view(count, examples, groups, per_group, positions)

@@ -317,18 +317,20 @@ class AlignedState:
         params = self._params()
         grads, values = [], []
         sharded = self._sharded
-        for i, block in self._trainable:
-            param = params[i]
-            grad = param.grad
-            if grad is None:
-                grad = param.grad = torch.zeros_like(param)
-            elif grad.layout != torch.strided:
+        for i, _ in self._trainable:  # every check before any gradient is created
+            grad = params[i].grad
+            if grad is not None and grad.layout != torch.strided:
                 raise TypeError(
                     f"parameter {self._names[i]!r} has a {grad.layout} gradient "
                     "(nn.Embedding(sparse=True)?); penalty_grad_ adds a dense gradient and does "
                     "not support sparse ones: add reg.penalty(model) to the loss instead, or use "
                     "sparse=False"
                 )
+        for i, block in self._trainable:
+            param = params[i]
+            grad = param.grad
+            if grad is None:
+                grad = param.grad = torch.zeros_like(param)
             value = _distributed.local_tensor(param) if sharded else param
             if sharded:
                 grad = _distributed.local_tensor(grad)

@@ -1060,3 +1060,22 @@ def test_errors_from_the_forward_propagate_unwrapped_from_fisher_sums():
     with pytest.raises(TypeError, match="the user's forward is broken"):
         fisher_sums(net, dict(net.named_parameters()), [one_batch()], nn.CrossEntropyLoss(),
                     estimator="exact", forward=broken)  # fmt: skip
+
+
+def test_a_sparse_gradient_is_refused_before_any_missing_gradient_is_created() -> None:
+    """``penalty_grad_`` creates zero gradients where there are none, but only once every check
+    has passed: a sparse gradient after a parameter without one leaves that one None."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"a": nn.Linear(3, 2), "e": nn.Embedding(5, 2, sparse=True)})
+    x, tokens = torch.randn(4, 3), torch.randint(0, 5, (4,))
+    reg = EWC(1.0, fisher="empirical")
+    reg.consolidate(
+        model,
+        [((x, tokens), torch.zeros(4, 2))],
+        lambda output, target: (output - target).square().mean(),
+        forward=lambda m, batch: (m["a"](batch[0][0]) + m["e"](batch[0][1]), batch[1]),
+    )
+    model["e"](tokens).sum().backward()  # only the embedding has a gradient, and it is sparse
+    with pytest.raises(TypeError, match=r"'e\.weight' has a torch\.sparse_coo gradient"):
+        reg.penalty_grad_(model)
+    assert model["a"].weight.grad is None and model["a"].bias.grad is None

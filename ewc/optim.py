@@ -66,6 +66,7 @@ from torch.optim.adam import adam
 from torch.optim.sgd import sgd
 
 import ewc
+from ewc import distributed as _distributed
 from ewc._fused import fused_adamw_kernel, fused_sgd_kernel
 from ewc._typing import short_repr
 from ewc.aligned import AlignedState
@@ -196,10 +197,14 @@ class _PenaltyInStep(torch.optim.Optimizer):
 
     def _one_pass_fits(self) -> bool:
         """Whether every parameter, its gradient and its state tensors are dense float32 or
-        float64 CPU tensors of one dtype, as the compiled pass reads them."""
+        float64 CPU tensors of one dtype, and no parameter is an FSDP2 shard, as the compiled
+        pass reads them."""
+        sharded = _distributed.dtensors_in_use()  # one lookup unless DTensors can exist
         for group in self.param_groups:
             for param in group["params"]:
                 if param.device.type != "cpu" or param.dtype not in (torch.float32, torch.float64):
+                    return False
+                if sharded and _distributed.is_sharded(param):  # an FSDP2 shard: torch's step
                     return False
                 state = self.state.get(param, {})
                 tensors = [param.grad, *(state.get(key) for key in self._STATE_KEYS)]

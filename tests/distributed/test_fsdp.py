@@ -7,6 +7,7 @@ shards; ``penalty`` must return the global value with the unsharded model's grad
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +81,50 @@ def _fsdp_worker(rank: int, init_file: str, out_dir: str) -> None:
         restored = EWC(LAMBDA, fisher=estimator)
         restored.load_state_dict(torch.load(path, weights_only=True))
         result["restored_penalty"] = restored.penalty(model).detach()
+        if estimator == "exact" and CAN_BUILD:
+            result["optimizer_steps"] = _optimizer_steps(model, reg, rank)
         out[estimator] = result
     torch.save(out, Path(out_dir) / f"fsdp_rank{rank}.pt")
     dist.destroy_process_group()
+
+
+CAN_BUILD = shutil.which("c++") is not None and shutil.which("ninja") is not None
+"""``ewc.optim`` builds its C++ kernel at construction."""
+
+
+def _optimizer_steps(model: nn.Module, reg: EWC, rank: int) -> dict[str, Any]:
+    """Per ``ewc.optim`` optimizer (and before any task): the full weights after two steps from
+    the same start, by the torch optimizer after ``penalty_grad_`` and by ours (whose DTensor
+    parameters take the two-pass step)."""
+    import ewc.optim
+
+    x, y = shard_batches(rank, task=2)[0]
+    start = [p.detach().clone() for p in model.parameters()]
+    cases = {
+        "SGD": (ewc.optim.SGD, torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, reg),
+        "AdamW": (ewc.optim.AdamW, torch.optim.AdamW, {"lr": 0.01}, reg),
+        "AdamW-no-task": (ewc.optim.AdamW, torch.optim.AdamW, {"lr": 0.01}, EWC(LAMBDA)),
+    }
+    out: dict[str, Any] = {}
+    for name, (ours, theirs, options, regulariser) in cases.items():
+        weights = {}
+        for which in ("torch", "ewc"):
+            with torch.no_grad():
+                for p, value in zip(model.parameters(), start):
+                    p.copy_(value)
+            if which == "torch":
+                optimizer: Any = theirs(model.parameters(), foreach=False, **options)
+            else:
+                optimizer = ours(model.parameters(), reg=regulariser, model=model, **options)
+            for _ in range(2):
+                model.zero_grad(set_to_none=True)
+                nn.CrossEntropyLoss()(model(x), y).backward()
+                if which == "torch":
+                    regulariser.penalty_grad_(model)
+                optimizer.step()
+            weights[which] = [p.full_tensor() for p in model.parameters()]  # type: ignore[operator]
+        out[name] = weights
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +180,16 @@ def test_training_step_gradient_equals_the_unsharded_model(
     for rank in range(WORLD_SIZE):
         for got, ref in zip(fsdp_results[rank][estimator][path], want):
             torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.skipif(not CAN_BUILD, reason="ewc.optim needs a C++ compiler and ninja")
+@pytest.mark.parametrize("case", ["SGD", "AdamW", "AdamW-no-task"])
+def test_ewc_optim_steps_sharded_parameters_like_penalty_grad_and_the_torch_optimizer(
+    fsdp_results: list[dict[str, Any]], case: str
+) -> None:
+    """DTensor parameters take the two-pass step: ``penalty_grad_`` and torch's functional step,
+    so the weights equal the torch optimizer's after ``penalty_grad_``, on every rank."""
+    for rank in range(WORLD_SIZE):
+        weights = fsdp_results[rank]["exact"]["optimizer_steps"][case]
+        for ours, theirs in zip(weights["ewc"], weights["torch"]):
+            torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)

@@ -319,8 +319,8 @@ def applies_penalty(optimizer: object, reg: EWC | None = None) -> bool:
     """Whether ``optimizer`` (or the optimizer it wraps as ``.optimizer``: Accelerate, Lightning)
     is an ``ewc.optim`` optimizer applying ``reg``'s penalty in its step (any ``reg`` if None).
 
-    The adapters refuse such an optimizer for the same ``reg``: their own hook would apply the
-    penalty a second time."""
+    ``ewc.adapters.loop.attach`` refuses such an optimizer for the same ``reg`` (its hook would
+    apply the penalty a second time); the Lightning and transformers callbacks then add none."""
     current: object = optimizer
     for _ in range(16):
         if isinstance(current, _PenaltyInStep):

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import torch
 from torch.optim import Optimizer
 
 try:
@@ -45,8 +46,8 @@ from torch.utils.data import DistributedSampler
 
 from ewc._per_sample.batching import first_examples
 from ewc._typing import Batch, Criterion, ForwardFn
-from ewc.adapters.loop import refuse_penalty_in_step
 from ewc.core import EWC, ConsolidationReport
+from ewc.optim import applies_penalty
 from ewc.views import examples_before_padding
 
 __all__ = ["EWCCallback"]
@@ -128,11 +129,16 @@ class EWCCallback(pl.Callback):
         With several optimizers, each optimizer step adds the gradient of every regularised
         parameter of the module, not only of the parameters that optimizer steps.
 
-        Raises:
-            ValueError: ``optimizer`` is an ``ewc.optim`` optimizer applying this regulariser's
-                penalty itself (it would be applied twice); nothing has been added yet.
+        An ``ewc.optim`` optimizer of this regulariser applies the penalty in its own step: then
+        nothing is added here, and the logged value is the penalty evaluated at the step (one
+        more read of the state; pass ``log_penalty=False`` to skip it).
         """
-        refuse_penalty_in_step(self.reg, optimizer)
+        if applies_penalty(optimizer, self.reg):
+            if self.log_penalty:
+                with torch.no_grad():
+                    current = self.reg.penalty(pl_module)
+                pl_module.log(self.log_name, current.float(), on_step=True, on_epoch=False)
+            return
         value = self.reg.penalty_grad_(pl_module, return_penalty=self.log_penalty)
         if value is not None:  # the value comes from the same pass as the gradient
             pl_module.log(self.log_name, value.float(), on_step=True, on_epoch=False)

@@ -55,7 +55,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ewc.core import EWC
 
-__all__ = ["PenaltyHookHandle", "attach", "innermost_optimizer", "refuse_penalty_in_step"]
+__all__ = ["PenaltyHookHandle", "attach", "innermost_optimizer"]
 
 _ATTACHED: weakref.WeakKeyDictionary[Optimizer, PenaltyHookHandle] = weakref.WeakKeyDictionary()
 
@@ -134,7 +134,7 @@ def attach(reg: EWC, model: nn.Module, optimizer: Any) -> PenaltyHookHandle:
     if not isinstance(model, nn.Module):
         raise TypeError(f"Expected argument `model` to be a torch.nn.Module but got {model!r}")
     optimizer = innermost_optimizer(optimizer)
-    refuse_penalty_in_step(reg, optimizer)
+    _refuse_penalty_in_step(reg, optimizer)
     existing = _ATTACHED.get(optimizer)
     if existing is not None and not existing.removed:
         raise RuntimeError(
@@ -158,7 +158,7 @@ def attach(reg: EWC, model: nn.Module, optimizer: Any) -> PenaltyHookHandle:
     return handle
 
 
-def refuse_penalty_in_step(reg: EWC, optimizer: Any) -> None:
+def _refuse_penalty_in_step(reg: EWC, optimizer: Any) -> None:
     """Raise if ``optimizer`` already applies ``reg``'s penalty in its step (``ewc.optim``).
 
     Raises:

@@ -71,8 +71,9 @@ except ModuleNotFoundError as error:  # pragma: no cover - exercised without tra
 
 from ewc._per_sample.batching import first_examples
 from ewc._typing import Batch, Criterion, ForwardFn
-from ewc.adapters.loop import PenaltyHookHandle, attach, refuse_penalty_in_step
+from ewc.adapters.loop import PenaltyHookHandle, attach
 from ewc.core import EWC, ConsolidationReport
+from ewc.optim import applies_penalty
 from ewc.views import accelerate_shard_examples, examples_before_padding
 
 __all__ = ["STATE_FILE", "EWCCallback", "EWCTrainer", "EWCTrainerMixin"]
@@ -145,6 +146,9 @@ class EWCCallback(TrainerCallback):
         """Checkpoint folder the next ``train()`` resumes from (set by :class:`EWCTrainerMixin`)."""
         self.placed_by_trainer = False
         """True while an :class:`EWCTrainerMixin` trainer applies the penalty."""
+        self.penalty_in_optimizer = False
+        """True during a ``train()`` whose optimizer applies this regulariser's penalty in its
+        own step (``ewc.optim``): the callback then adds no penalty gradient."""
         self._handle: PenaltyHookHandle | None = None
         self._penalty_sum = 0.0
         self._penalty_steps = 0
@@ -162,7 +166,10 @@ class EWCCallback(TrainerCallback):
     # ------------------------------------------------------------------ the penalty
     def add_penalty_grad(self, model: nn.Module, *, loss_scale: float = 1.0) -> None:
         """Add ``loss_scale * d penalty / d theta`` to the gradients (what the mixin calls once
-        per optimizer step, after the last backward; ``loss_scale`` is the fp16 loss scale)."""
+        per optimizer step, after the last backward; ``loss_scale`` is the fp16 loss scale).
+        Nothing when the optimizer applies the penalty (:attr:`penalty_in_optimizer`)."""
+        if self.penalty_in_optimizer:
+            return
         value = _penalty_grad(self.reg, model, loss_scale, self.log_penalty)
         if value is not None:
             self._penalty_sum += float(value)
@@ -179,15 +186,11 @@ class EWCCallback(TrainerCallback):
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Restore the EWC state when resuming; without the mixin, hook the penalty on the
-        optimizer.
-
-        Raises:
-            ValueError: the Trainer's optimizer is an ``ewc.optim`` optimizer applying this
-                regulariser's penalty itself (it would be applied twice).
-        """
+        optimizer. When the Trainer's optimizer is an ``ewc.optim`` optimizer of this
+        regulariser, it applies the penalty itself: the callback then adds nothing (and warns
+        if gradients are clipped, since clipping sees the task gradient only)."""
         model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
-        if optimizer is not None:  # before anything changes
-            refuse_penalty_in_step(self.reg, optimizer)
+        self.penalty_in_optimizer = optimizer is not None and applies_penalty(optimizer, self.reg)
         resume_from = self.resume_from
         self.resume_from = None
         if resume_from is None and state.global_step > 0:  # resumed by a plain Trainer
@@ -195,13 +198,23 @@ class EWCCallback(TrainerCallback):
         if resume_from is not None:
             self.load_checkpoint(resume_from)
         self._penalty_sum, self._penalty_steps = 0.0, 0
+        clipping = bool(getattr(args, "max_grad_norm", 0)) and args.max_grad_norm > 0
+        if self.penalty_in_optimizer:  # ewc.optim applies it in its step: nothing to hook
+            if clipping:
+                warnings.warn(
+                    f"EWCCallback: the Trainer's optimizer ({type(optimizer).__name__} from "
+                    "ewc.optim) applies the penalty inside its step, after gradient clipping "
+                    f"(max_grad_norm={args.max_grad_norm}) has seen the task gradient only",
+                    stacklevel=2,
+                )
+            return
         if self.placed_by_trainer:
             return
         if model is None or optimizer is None:
             raise RuntimeError(
                 "EWCCallback got no model or optimizer from the Trainer at on_train_begin"
             )
-        if getattr(args, "max_grad_norm", 0) and args.max_grad_norm > 0:
+        if clipping:
             warnings.warn(
                 "EWCCallback in a plain transformers.Trainer adds the penalty gradient after "
                 f"gradient clipping (max_grad_norm={args.max_grad_norm}); build the trainer with "
@@ -212,9 +225,11 @@ class EWCCallback(TrainerCallback):
         self._handle = attach(self.reg, model, optimizer)
 
     def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Without the mixin: add the current penalty to training logs (for later callbacks)."""
+        """Without the mixin (or with an ``ewc.optim`` optimizer): add the current penalty to
+        training logs (for later callbacks)."""
         logs, model = kwargs.get("logs"), kwargs.get("model")
-        if self.placed_by_trainer or not self.log_penalty or logs is None or model is None:
+        placed = self.placed_by_trainer and not self.penalty_in_optimizer
+        if placed or not self.log_penalty or logs is None or model is None:
             return
         if "loss" in logs and self.log_name not in logs:
             with torch.no_grad():
@@ -314,6 +329,9 @@ class EWCTrainerMixin:
         if "loss" in logs:
             for callback in self._ewc_callbacks():
                 value = callback.pop_logged_penalty() if callback.log_penalty else None
+                if value is None and callback.log_penalty and callback.penalty_in_optimizer:
+                    with torch.no_grad():  # the optimizer's pass returns no value: evaluate it
+                        value = float(callback.reg.penalty(self.model))  # type: ignore[attr-defined]
                 if value is not None:
                     logs[callback.log_name] = value
         super().log(logs, *args, **kwargs)  # type: ignore[misc]

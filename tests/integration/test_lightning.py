@@ -322,12 +322,13 @@ def test_first_examples_needs_batched_tensors():
     shutil.which("c++") is None or shutil.which("ninja") is None,
     reason="ewc.optim builds a C++ kernel: needs a C++ compiler and ninja",
 )
-def test_an_ewc_optim_optimizer_of_the_same_reg_is_refused_and_works_without_the_callback(
+def test_an_ewc_optim_optimizer_trains_like_the_callback_which_then_defers_to_it(
     after_task_a: tuple[Classifier, EWCCallback], tmp_path: Path
 ) -> None:
     """``configure_optimizers`` returning ``ewc.optim.SGD`` trains like the callback with
     ``torch.optim.SGD`` (the same lr, no clipping); with the callback of the same regulariser
-    as well, the first step is refused before anything is added."""
+    as well, the callback adds nothing (the same weights again), logs the penalty and
+    consolidates at the end of the fit."""
     import ewc.optim
 
     module_a, callback_a = after_task_a
@@ -340,8 +341,7 @@ def test_an_ewc_optim_optimizer_of_the_same_reg_is_refused_and_works_without_the
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return ewc.optim.SGD(self.parameters(), lr=0.1, reg=self.reg, model=self)
 
-    reg = _reg_like(callback_a)
-    ours = OwnStep(reg)
+    ours = OwnStep(_reg_like(callback_a))
     ours.load_state_dict(module_a.state_dict())
     _trainer(tmp_path, []).fit(ours, TASK_B)
     reference = copy.deepcopy(module_a)
@@ -352,10 +352,13 @@ def test_an_ewc_optim_optimizer_of_the_same_reg_is_refused_and_works_without_the
     for name, weight in _weights(reference).items():
         torch.testing.assert_close(_weights(ours)[name], weight, rtol=1e-5, atol=1e-6)
 
-    twice = OwnStep(reg)
-    twice.load_state_dict(module_a.state_dict())
-    before = _weights(twice)
-    refusing = EWCCallback(reg, criterion=nn.CrossEntropyLoss())
-    with pytest.raises(ValueError, match=r"`optimizer`.*SGD from ewc\.optim.*twice"):
-        _trainer(tmp_path, [refusing]).fit(twice, TASK_B)
-    assert _distance(_weights(twice), before) == 0.0
+    reg = _reg_like(callback_a)
+    both = OwnStep(reg)
+    both.load_state_dict(module_a.state_dict())
+    deferring = EWCCallback(reg, criterion=nn.CrossEntropyLoss())
+    trainer = _trainer(tmp_path, [deferring], logger=pl.loggers.CSVLogger(tmp_path))
+    trainer.fit(both, TASK_B)
+    for name, weight in _weights(ours).items():
+        torch.testing.assert_close(_weights(both)[name], weight, rtol=1e-6, atol=1e-7)
+    assert reg.tasks == 2  # consolidated at the end of the fit
+    assert float(trainer.logged_metrics["ewc_penalty"]) > 0

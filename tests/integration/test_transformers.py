@@ -448,11 +448,16 @@ needs_compiler = pytest.mark.skipif(
 
 
 @needs_compiler
-def test_ewc_optim_adamw_in_a_plain_trainer_trains_like_the_callback(tmp_path: Path) -> None:
-    """``Trainer(optimizers=(ewc.optim.AdamW(...), scheduler))`` with no callback: Accelerate
-    wraps it and steps it once per real step, and the weights equal those of ``EWCTrainer`` +
-    ``EWCCallback`` + ``torch.optim.AdamW`` (no clipping, so both see the same gradient),
-    in float64; the callback refuses that optimizer for the same regulariser."""
+@pytest.mark.parametrize("trainer_class", [EWCTrainer, Trainer], ids=["mixin", "plain-trainer"])
+def test_ewc_optim_adamw_trains_like_the_callback_and_the_callback_defers_to_it(
+    tmp_path: Path, trainer_class: type[Trainer]
+) -> None:
+    """``Trainer(optimizers=(ewc.optim.AdamW(...), scheduler))``: Accelerate wraps it and steps
+    it once per real step, and the weights equal those of ``EWCTrainer`` + ``EWCCallback`` +
+    ``torch.optim.AdamW`` (no clipping, so both see the same gradient), in float64. With the
+    callback of the same regulariser as well, the callback adds nothing (the weights are the
+    same again), still logs the penalty and consolidates at the end, and warns that clipping
+    sees the task gradient only."""
     import ewc.optim
 
     task_a = classification_task(0)
@@ -466,16 +471,25 @@ def test_ewc_optim_adamw_in_a_plain_trainer_trains_like_the_callback(tmp_path: P
         reg.consolidate(model, batches, nn.CrossEntropyLoss())
         return model, reg
 
+    def ours(name: str, callbacks: list[Any], **extra: Any) -> tuple[nn.Module, Any, Trainer]:
+        model, reg = after_task_a()
+        for callback in callbacks:
+            callback.reg = reg
+        optimizer = ewc.optim.AdamW(model.parameters(), lr=0.01, reg=reg, model=model)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        trainer = trainer_class(
+            model=model,
+            args=args(tmp_path / name, **{**settings, **extra}),
+            train_dataset=task_b,
+            callbacks=callbacks,
+            optimizers=(optimizer, schedule),
+        )
+        trainer.train()
+        return model, optimizer, trainer
+
     settings = {"max_grad_norm": 0.0, "num_train_epochs": 2, "gradient_accumulation_steps": 2}
-    model, reg = after_task_a()
-    optimizer = ewc.optim.AdamW(model.parameters(), lr=0.01, reg=reg, model=model)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    Trainer(
-        model=model,
-        args=args(tmp_path / "ours", **settings),
-        train_dataset=task_b,
-        optimizers=(optimizer, schedule),
-    ).train()
+    alone, optimizer, _ = ours("alone", [])
+    assert optimizer.state[alone.net[0].weight]["step"] == 6  # 24 examples, 4 x 2 per step
 
     reference, reference_reg = after_task_a()
     torch_adamw = torch.optim.AdamW(reference.parameters(), lr=0.01, foreach=False)
@@ -489,15 +503,15 @@ def test_ewc_optim_adamw_in_a_plain_trainer_trains_like_the_callback(tmp_path: P
         callbacks=[callback],
         optimizers=(torch_adamw, torch.optim.lr_scheduler.LambdaLR(torch_adamw, lambda _: 1.0)),
     ).train()
-    assert optimizer.state[model.net[0].weight]["step"] == 6  # 24 examples, 4 x 2 per step
-    for (name, mine), expected in zip(model.named_parameters(), reference.parameters()):
+    for (name, mine), expected in zip(alone.named_parameters(), reference.parameters()):
         torch.testing.assert_close(mine, expected, rtol=1e-10, atol=1e-12, msg=name)
 
-    with pytest.raises(ValueError, match=r"`optimizer`.*AdamW from ewc\.optim.*twice"):
-        EWCTrainer(
-            model=model,
-            args=args(tmp_path / "twice"),
-            train_dataset=task_b,
-            callbacks=[EWCCallback(reg, forward=classifier_forward)],
-            optimizers=(optimizer, schedule),
-        ).train()
+    deferring = EWCCallback(EWC(1.0), forward=classifier_forward, criterion=nn.CrossEntropyLoss())
+    with pytest.warns(UserWarning, match=r"applies the penalty inside its step.*clipping"):
+        both, _, trainer = ours("both", [deferring], max_grad_norm=1e9)  # clips nothing
+    for (name, mine), expected in zip(both.named_parameters(), alone.parameters()):
+        torch.testing.assert_close(mine, expected, rtol=1e-10, atol=1e-12, msg=name)
+    assert deferring.penalty_in_optimizer and deferring.reg.tasks == 2
+    if trainer_class is EWCTrainer:  # the plain Trainer's logs reach only later callbacks
+        logged = [entry["ewc_penalty"] for entry in trainer.state.log_history if "loss" in entry]
+        assert len(logged) == 6 and all(value > 0 for value in logged[1:])

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -107,6 +108,7 @@ class EWCCallback(pl.Callback):
         self.name = name
         self.log_penalty = log_penalty
         self.consolidate_on_fit_end = consolidate_on_fit_end
+        self._warned_clipping = False
         self.last_report: ConsolidationReport | None = None
         """What the latest consolidation did (examples, batches, seconds, engine paths)."""
 
@@ -131,9 +133,21 @@ class EWCCallback(pl.Callback):
 
         An ``ewc.optim`` optimizer of this regulariser applies the penalty in its own step: then
         nothing is added here, and the logged value is the penalty evaluated at the step (one
-        more read of the state; pass ``log_penalty=False`` to skip it).
+        more read of the state; pass ``log_penalty=False`` to skip it). Gradient clipping then
+        sees the task gradient only (a warning says so once). Under manual optimization with
+        such an optimizer beside a torch one, zero the gradients between their steps: the torch
+        one's step adds the penalty gradient of every regularised parameter.
         """
         if applies_penalty(optimizer, self.reg):
+            if trainer.gradient_clip_val and not self._warned_clipping:
+                self._warned_clipping = True
+                warnings.warn(
+                    f"EWCCallback: the optimizer ({type(optimizer).__name__} from ewc.optim) "
+                    "applies the penalty inside its step, after gradient clipping "
+                    f"(gradient_clip_val={trainer.gradient_clip_val}) has seen the task gradient "
+                    "only",
+                    stacklevel=2,
+                )
             if self.log_penalty:
                 with torch.no_grad():
                     current = self.reg.penalty(pl_module)

@@ -167,8 +167,14 @@ class EWCCallback(TrainerCallback):
     def add_penalty_grad(self, model: nn.Module, *, loss_scale: float = 1.0) -> None:
         """Add ``loss_scale * d penalty / d theta`` to the gradients (what the mixin calls once
         per optimizer step, after the last backward; ``loss_scale`` is the fp16 loss scale).
-        Nothing when the optimizer applies the penalty (:attr:`penalty_in_optimizer`)."""
+        When the optimizer applies the penalty (:attr:`penalty_in_optimizer`), nothing is added;
+        with ``log_penalty`` the penalty is evaluated here (one more read of the state) so that
+        the logged mean covers the same steps, before each one, as otherwise."""
         if self.penalty_in_optimizer:
+            if self.log_penalty:
+                with torch.no_grad():
+                    self._penalty_sum += float(self.reg.penalty(model))
+                self._penalty_steps += 1
             return
         value = _penalty_grad(self.reg, model, loss_scale, self.log_penalty)
         if value is not None:
@@ -225,11 +231,9 @@ class EWCCallback(TrainerCallback):
         self._handle = attach(self.reg, model, optimizer)
 
     def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Without the mixin (or with an ``ewc.optim`` optimizer): add the current penalty to
-        training logs (for later callbacks)."""
+        """Without the mixin: add the current penalty to training logs (for later callbacks)."""
         logs, model = kwargs.get("logs"), kwargs.get("model")
-        placed = self.placed_by_trainer and not self.penalty_in_optimizer
-        if placed or not self.log_penalty or logs is None or model is None:
+        if self.placed_by_trainer or not self.log_penalty or logs is None or model is None:
             return
         if "loss" in logs and self.log_name not in logs:
             with torch.no_grad():
@@ -245,6 +249,7 @@ class EWCCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Detach the optimizer hook, then consolidate the task just trained."""
+        self.penalty_in_optimizer = False
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
@@ -329,9 +334,6 @@ class EWCTrainerMixin:
         if "loss" in logs:
             for callback in self._ewc_callbacks():
                 value = callback.pop_logged_penalty() if callback.log_penalty else None
-                if value is None and callback.log_penalty and callback.penalty_in_optimizer:
-                    with torch.no_grad():  # the optimizer's pass returns no value: evaluate it
-                        value = float(callback.reg.penalty(self.model))  # type: ignore[attr-defined]
                 if value is not None:
                     logs[callback.log_name] = value
         super().log(logs, *args, **kwargs)  # type: ignore[misc]

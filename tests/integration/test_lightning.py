@@ -356,9 +356,33 @@ def test_an_ewc_optim_optimizer_trains_like_the_callback_which_then_defers_to_it
     both = OwnStep(reg)
     both.load_state_dict(module_a.state_dict())
     deferring = EWCCallback(reg, criterion=nn.CrossEntropyLoss())
-    trainer = _trainer(tmp_path, [deferring], logger=pl.loggers.CSVLogger(tmp_path))
+    probe = _LoggedPenalty()
+    trainer = _trainer(tmp_path, [deferring, probe], logger=pl.loggers.CSVLogger(tmp_path))
     trainer.fit(both, TASK_B)
     for name, weight in _weights(ours).items():
         torch.testing.assert_close(_weights(both)[name], weight, rtol=1e-6, atol=1e-7)
     assert reg.tasks == 2  # consolidated at the end of the fit
-    assert float(trainer.logged_metrics["ewc_penalty"]) > 0
+    # the logged value is the penalty at each step, before the step moves the weights
+    assert len(probe.logged) == len(probe.before) == 12  # 2 epochs of 6 batches
+    assert probe.logged == pytest.approx(probe.before, rel=1e-6)
+    assert probe.before[0] == 0.0 < probe.before[1]
+
+    clipped = OwnStep(_reg_like(callback_a))
+    clipped.load_state_dict(module_a.state_dict())
+    with pytest.warns(UserWarning, match=r"applies the penalty inside its step.*clipping"):
+        _trainer(tmp_path, [EWCCallback(clipped.reg, criterion=nn.CrossEntropyLoss())],
+                 gradient_clip_val=1e9, max_epochs=1).fit(clipped, TASK_B)  # fmt: skip
+
+
+class _LoggedPenalty(pl.Callback):  # type: ignore[misc]
+    """The penalty the callback logged at each step, and the penalty before each step."""
+
+    def __init__(self) -> None:
+        self.logged: list[float] = []
+        self.before: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: Any, module: Any, optimizer: Any) -> None:
+        self.before.append(float(module.reg.penalty(module).detach()))
+
+    def on_train_batch_end(self, trainer: Any, module: Any, *args: Any) -> None:
+        self.logged.append(float(trainer.callback_metrics["ewc_penalty"]))

@@ -57,6 +57,7 @@ __all__ = [
     "CACHE_BYTES",
     "EXAMPLE_OVERHEAD",
     "GRAM_WEIGHT",
+    "MAX_CACHE_THREADS",
     "SIGNAL_EXPONENT",
     "conv_padding",
     "conv_rule",
@@ -74,6 +75,10 @@ cache (and for the unfolded chunk to reuse freed memory instead of faulting in f
 large enough that the per-chunk dispatch cost stays small. Measured on the small CNN's `exact`
 (batch 128, 9 signals, medians of 15 interleaved passes): at 1 thread 2 MiB 3-4% faster than
 4 or 8 MiB; at 2 threads 4-8 MiB 3-6% faster than 2 MiB."""
+
+MAX_CACHE_THREADS = 8
+"""Threads counted in the chunk size (:data:`CACHE_BYTES` each), so that many threads do not
+make chunks of fresh, page-faulting memory."""
 
 GRAM_WEIGHT = 0.6
 """Cost of the ``"examples"`` path per signal and position, in units of one position pair on the
@@ -268,13 +273,18 @@ def _by_examples(
     per_group = outputs // groups
     g = g.view(count, examples, groups, per_group, positions)
     item = x.element_size()
-    grads_bytes = outputs * row * item  # one example's (or signal's) weight gradient
-    per_thread = CACHE_BYTES * max(1, torch.get_num_threads())  # the matmul splits examples
-    budget = min(memory_budget_bytes, max(per_thread, grads_bytes))
-    k_chunk = chunk_size(count, grads_bytes, budget)
-    n_chunk = chunk_size(examples, k_chunk * grads_bytes + groups * row * positions * item, budget)
+    # per example and signal: its weight gradient, and its output gradients gathered for the
+    # matmul unless they are already adjacent (example-major, one group: a view); per example:
+    # its unfolded input
+    adjacent = groups == 1 and g.transpose(0, 1).is_contiguous()
+    per_signal = (outputs * row + (0 if adjacent else outputs * positions)) * item
+    cols_bytes = groups * row * positions * item
+    threads = min(max(1, torch.get_num_threads()), MAX_CACHE_THREADS)  # the matmul splits them
+    budget = min(memory_budget_bytes, max(CACHE_BYTES * threads, per_signal + cols_bytes))
+    k_chunk = chunk_size(count, per_signal, max(1, budget - cols_bytes))
+    n_chunk = chunk_size(examples, k_chunk * per_signal + cols_bytes, budget)
     total = x.new_zeros(groups, per_group, row)
-    buffer = x.new_empty(n_chunk * groups * k_chunk * per_group * row)
+    buffer = x.new_empty(n_chunk * k_chunk * outputs * row)
     for n0 in range(0, examples, n_chunk):
         cols = unfold_input(conv, x[n0 : n0 + n_chunk])  # (c, G R, L)
         c = cols.shape[0]

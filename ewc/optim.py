@@ -136,9 +136,8 @@ class _PenaltyInStep(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._refuse_maximize()
-        self._refuse_sparse()
-        self._check_state_shapes()
-        terms, scale = self._penalty_terms()
+        fits = self._inspect()  # raises on bad gradients or state, before anything is written
+        terms, scale = self._penalty_terms(fits)
         if terms is None:
             self._two_pass_step()
             return loss
@@ -180,9 +179,10 @@ class _PenaltyInStep(torch.optim.Optimizer):
             )
         return work
 
-    def _penalty_terms(self) -> tuple[_Terms | None, float]:
+    def _penalty_terms(self, fits: bool) -> tuple[_Terms | None, float]:
         """The single-pass terms by parameter and ``2 * ewc_lambda``; None when some parameter
-        needs the two-pass step (the module docstring says which)."""
+        needs the two-pass step (``fits`` False, or the view says so: the module docstring
+        says which)."""
         reg = self.reg
         if reg.tasks == 0 or reg.ewc_lambda == 0.0:
             terms: _Terms | None = {}
@@ -191,26 +191,45 @@ class _PenaltyInStep(torch.optim.Optimizer):
             if view is not self._view:  # the terms follow from the view: read them once
                 self._view, self._terms = view, view.whole_cpu_terms()
             terms = self._terms
-        if terms is not None and not self._one_pass_fits():
-            terms = None
-        return terms, 2.0 * reg.ewc_lambda
+        return (terms if fits else None), 2.0 * reg.ewc_lambda
 
-    def _one_pass_fits(self) -> bool:
-        """Whether every parameter, its gradient and its state tensors are dense float32 or
-        float64 CPU tensors of one dtype, and no parameter is an FSDP2 shard, as the compiled
-        pass reads them."""
+    def _inspect(self) -> bool:
+        """One walk over the parameters: raise on what torch's optimizer refuses (a sparse
+        gradient, for AdamW) and on state tensors that do not fit their parameter; return
+        whether the compiled pass can read every parameter, gradient and state tensor (dense
+        float32 or float64 CPU tensors of one dtype, no FSDP2 shard).
+
+        Raises:
+            RuntimeError: a sparse gradient where the torch optimizer refuses one.
+            ValueError: a state tensor's shape differs from its parameter's.
+        """
         sharded = _distributed.dtensors_in_use()  # one lookup unless DTensors can exist
+        fits = True
         for group in self.param_groups:
             for param in group["params"]:
-                if param.device.type != "cpu" or param.dtype not in (torch.float32, torch.float64):
-                    return False
-                if sharded and _distributed.is_sharded(param):  # an FSDP2 shard: torch's step
-                    return False
+                grad = param.grad
+                if grad is not None and grad.is_sparse and not self._SPARSE_GRADIENTS:
+                    raise RuntimeError(
+                        f"{self._NAME} does not support sparse gradients, but the parameter of "
+                        f"shape {tuple(param.shape)} has one; use torch.optim.SparseAdam for it"
+                    )
                 state = self.state.get(param, {})
-                tensors = [param.grad, *(state.get(key) for key in self._STATE_KEYS)]
-                if not all(_like(tensor, param) for tensor in tensors):
-                    return False
-        return True
+                tensors = [state.get(key) for key in self._STATE_KEYS]
+                for key, tensor in zip(self._STATE_KEYS, tensors):
+                    if isinstance(tensor, Tensor) and tensor.shape != param.shape:
+                        raise ValueError(
+                            f"{self._NAME}: Expected the optimizer state `{key}` of the "
+                            f"parameter of shape {tuple(param.shape)} to have that shape but got "
+                            f"{tuple(tensor.shape)} (a state dict of another model?)"
+                        )
+                fits = (
+                    fits
+                    and param.device.type == "cpu"
+                    and param.dtype in (torch.float32, torch.float64)
+                    and not (sharded and _distributed.is_sharded(param))  # FSDP2: torch's step
+                    and all(_like(tensor, param) for tensor in (grad, *tensors))
+                )
+        return fits
 
     def _two_pass_step(self) -> None:
         """``penalty_grad_`` then torch's functional step on this optimizer's parameters, with
@@ -263,32 +282,6 @@ class _PenaltyInStep(torch.optim.Optimizer):
             group.update({key: value for key, value in self._REFUSED if key in group})
             if "fused" in group:
                 group["fused"] = None
-
-    def _refuse_sparse(self) -> None:
-        """As torch's AdamW, before anything is written: no sparse gradient."""
-        if self._SPARSE_GRADIENTS:
-            return
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None and param.grad.is_sparse:
-                    raise RuntimeError(
-                        f"{self._NAME} does not support sparse gradients, but the parameter of "
-                        f"shape {tuple(param.shape)} has one; use torch.optim.SparseAdam for it"
-                    )
-
-    def _check_state_shapes(self) -> None:
-        """Every state tensor has its parameter's shape, checked before anything is written."""
-        for group in self.param_groups:
-            for param in group["params"]:
-                state = self.state.get(param, {})
-                for key in self._STATE_KEYS:
-                    tensor = state.get(key)
-                    if isinstance(tensor, Tensor) and tensor.shape != param.shape:
-                        raise ValueError(
-                            f"{self._NAME}: Expected the optimizer state `{key}` of the "
-                            f"parameter of shape {tuple(param.shape)} to have that shape but got "
-                            f"{tuple(tensor.shape)} (a state dict of another model?)"
-                        )
 
     def _refuse_maximize(self, groups: list[dict[str, Any]] | None = None) -> None:
         if any(

@@ -206,28 +206,30 @@ class _PenaltyInStep(torch.optim.Optimizer):
         sharded = _distributed.dtensors_in_use()  # one lookup unless DTensors can exist
         fits = True
         for group in self.param_groups:
-            for param in group["params"]:
+            for param in group["params"]:  # a few microseconds each: property reads only
                 grad = param.grad
                 if grad is not None and grad.is_sparse and not self._SPARSE_GRADIENTS:
                     raise RuntimeError(
                         f"{self._NAME} does not support sparse gradients, but the parameter of "
                         f"shape {tuple(param.shape)} has one; use torch.optim.SparseAdam for it"
                     )
-                state = self.state.get(param, {})
-                tensors = [state.get(key) for key in self._STATE_KEYS]
+                shape, dtype = param.shape, param.dtype
+                state = self.state.get(param)
+                tensors = [state.get(key) for key in self._STATE_KEYS] if state else []
                 for key, tensor in zip(self._STATE_KEYS, tensors):
-                    if isinstance(tensor, Tensor) and tensor.shape != param.shape:
+                    if isinstance(tensor, Tensor) and tensor.shape != shape:
                         raise ValueError(
                             f"{self._NAME}: Expected the optimizer state `{key}` of the "
-                            f"parameter of shape {tuple(param.shape)} to have that shape but got "
+                            f"parameter of shape {tuple(shape)} to have that shape but got "
                             f"{tuple(tensor.shape)} (a state dict of another model?)"
                         )
                 fits = (
                     fits
-                    and param.device.type == "cpu"
-                    and param.dtype in (torch.float32, torch.float64)
+                    and param.is_cpu
+                    and dtype in (torch.float32, torch.float64)
                     and not (sharded and _distributed.is_sharded(param))  # FSDP2: torch's step
-                    and all(_like(tensor, param) for tensor in (grad, *tensors))
+                    and (grad is None or (_dense_cpu(grad, dtype) and grad.shape == shape))
+                    and all(tensor is None or _dense_cpu(tensor, dtype) for tensor in tensors)
                 )
         return fits
 
@@ -593,14 +595,9 @@ def _squeezed(value: Any) -> Any:
     return value.squeeze() if isinstance(value, Tensor) and value.dim() != 0 else value
 
 
-def _like(tensor: Tensor | None, param: Tensor) -> bool:
-    """``tensor`` is absent, or dense with ``param``'s shape, device and dtype."""
-    return tensor is None or (
-        tensor.layout == torch.strided
-        and tensor.shape == param.shape
-        and tensor.device == param.device
-        and tensor.dtype == param.dtype
-    )
+def _dense_cpu(tensor: Tensor, dtype: torch.dtype) -> bool:
+    """``tensor`` is a dense CPU tensor of ``dtype``."""
+    return tensor.layout == torch.strided and tensor.is_cpu and tensor.dtype == dtype
 
 
 _INSIDE = tuple(

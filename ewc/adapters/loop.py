@@ -54,6 +54,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from ewc.core import EWC
+from ewc.optim import applies_penalty
 
 __all__ = ["PenaltyHookHandle", "attach", "innermost_optimizer"]
 
@@ -158,18 +159,16 @@ def attach(reg: EWC, model: nn.Module, optimizer: Any) -> PenaltyHookHandle:
     return handle
 
 
-def _refuse_penalty_in_step(reg: EWC, optimizer: Any) -> None:
-    """Raise if ``optimizer`` already applies ``reg``'s penalty in its step (``ewc.optim``).
+def _refuse_penalty_in_step(reg: EWC, optimizer: Optimizer) -> None:
+    """Raise if ``optimizer`` (innermost) already applies ``reg``'s penalty in its step.
 
     Raises:
         ValueError: it does; an adapter adding the penalty gradient too would apply it twice.
     """
-    from ewc.optim import applies_penalty  # builds nothing on import
-
     if applies_penalty(optimizer, reg):
         raise ValueError(
             f"Expected argument `optimizer` to be an optimizer without the EWC penalty but got "
-            f"{type(innermost_optimizer(optimizer)).__name__} from ewc.optim, which applies this "
+            f"{type(optimizer).__name__} from ewc.optim, which applies this "
             "regulariser's penalty in its own step: use it without the adapter (or the adapter "
             "with a torch optimizer), or the penalty is applied twice per step"
         )

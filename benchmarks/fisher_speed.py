@@ -359,6 +359,11 @@ second convolution on this machine (one thread, batch 128: 8.5 ms against 10.2 m
 minima of 30 interleaved repeats), so the floor is no slower than the best blocking."""
 
 
+FLOOR_WITH_SQUARES = "floor + squares"
+"""The floor of :func:`_floor` with the squares and sums of the per-example conv gradients, the
+one part of the rule's work that is not optional."""
+
+
 class _LayerOutputs:
     """Forward hooks keeping the inputs and outputs of every ``nn.Linear``/``nn.Conv2d``."""
 
@@ -381,19 +386,28 @@ class _LayerOutputs:
             handle.remove()
 
 
-def _floor(model: nn.Module, dataset: TensorDataset, signals: int) -> Callable[[], None]:
+def _floor(
+    model: nn.Module, dataset: TensorDataset, signals: int, *, squares: bool = False
+) -> Callable[[], None]:
     """The work any per-example rule path must do, with nothing else: per batch one forward,
     ``signals`` backward passes to the layers' outputs (no weight-gradient kernels), and per
     layer the one matmul of its closed form -- ``(sum_k g_k^2)^T (x^2)`` for a Linear layer,
     the per-example ``(K O, L) @ (L, R)`` product for a convolution (in chunks of
     :data:`FLOOR_CHUNK` examples, into a reused buffer), on a buffer already in the layout it
-    needs. No squares of per-example gradients, no sums, no copies: a lower bound."""
+    needs. No squares of per-example gradients, no sums, no copies: a lower bound.
+
+    With ``squares`` also what the per-example products of a convolution need to become an
+    importance, and nothing else: squared in place and summed over examples and signals while
+    in cache (one multiply and one add per entry, as the conv rule's ``"examples"`` path). Still
+    a lower bound for that path: an exact method that builds per-example gradients must square
+    and sum every entry."""
     from ewc._per_sample.rules.conv import unfold_input
 
     hooks = _LayerOutputs(model)
     weights = torch.randn(signals, BATCH, CLASSES)  # the values do not change the cost
     stacked: dict[int, Tensor] = {}
     products: dict[int, Tensor] = {}
+    totals: dict[int, Tensor] = {}
 
     def run() -> None:
         for x, _ in DataLoader(dataset, batch_size=BATCH):
@@ -412,9 +426,13 @@ def _floor(model: nn.Module, dataset: TensorDataset, signals: int) -> Callable[[
                 if i not in stacked or stacked[i].shape[0] != n:
                     stacked[i] = torch.randn(n, signals * out_channels, cols.shape[1])
                     products[i] = torch.empty(FLOOR_CHUNK, signals * out_channels, cols.shape[2])
+                    totals[i] = torch.zeros(out_channels, cols.shape[2])
                 for n0 in range(0, n, FLOOR_CHUNK):  # in cache-sized chunks, as the rule does
                     lhs, rhs = stacked[i][n0 : n0 + FLOOR_CHUNK], cols[n0 : n0 + FLOOR_CHUNK]
-                    torch.bmm(lhs, rhs, out=products[i][: lhs.shape[0]])
+                    product = torch.bmm(lhs, rhs, out=products[i][: lhs.shape[0]])
+                    if squares:
+                        per_entry = product.square_().view(-1, out_channels, cols.shape[2])
+                        totals[i] += per_entry.sum(0)
 
     return run
 
@@ -422,8 +440,9 @@ def _floor(model: nn.Module, dataset: TensorDataset, signals: int) -> Callable[[
 def floor_rows(quick: bool = False, *, threads: int | None = None) -> list[Row]:
     """Rows ``(model, estimator, method, seconds, ratio_vs_avalanche)``: ours, Avalanche's
     ``compute_importances`` and the compute floor of :func:`_floor`, side by side, for
-    :data:`FLOOR_CASES` (``exact``: ``C - 1 = 9`` signals). A target below the floor's ratio
-    cannot be met by any rule path on this machine."""
+    :data:`FLOOR_CASES` (``exact``: ``C - 1 = 9`` signals); for a model with convolutions also
+    :data:`FLOOR_WITH_SQUARES`. A target below the floor's ratio cannot be met by any rule path
+    on this machine."""
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -435,11 +454,14 @@ def floor_rows(quick: bool = False, *, threads: int | None = None) -> list[Row]:
             baseline = _avalanche(model, dataset)
             if baseline is None:
                 continue
+            signals = 1 if estimator == "empirical" else CLASSES - 1
             fns: dict[str, Callable[[], object]] = {
                 "ewc": _consolidator(model, dataset, estimator),
-                "floor": _floor(model, dataset, 1 if estimator == "empirical" else CLASSES - 1),
+                "floor": _floor(model, dataset, signals),
                 "avalanche": baseline,
             }
+            if any(isinstance(m, nn.Conv2d) for m in model.modules()):
+                fns[FLOOR_WITH_SQUARES] = _floor(model, dataset, signals, squares=True)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 times = interleaved_times(fns, repeats=3 if quick else 7, inner=1)

@@ -22,7 +22,9 @@ about 1.25x), at 1 and 2 threads, for the MLP (each timing right after a real fo
 so caches hold what a training step leaves) and for a transformer-sized parameter list (a
 32000x512 embedding and 8 layers of attention, MLP and norms: 41.6 M parameters in 97 tensors).
 Rows: the default path, ``fused=True``, a plain ``_foreach_sub`` + ``_foreach_addcmul_`` pair,
-and the floor; ``ratio_to_floor`` is the median of paired per-repeat ratios.
+and the floor; ``ratio_to_floor`` is the median of paired per-repeat ratios. Where the fused
+kernel builds, two more rows place it against the hardware: torch's own kernel moving the
+update's traffic (four arrays read, one written), and the fused kernel on the floor's traffic.
 """
 
 from __future__ import annotations
@@ -456,6 +458,46 @@ def _floor_fns(
     return fns, weights
 
 
+SAME_TRAFFIC = "torch addcmul into a 4th array (the update's traffic)"
+"""``out = g + c A theta`` by torch's own kernel, per tensor, into a preallocated fourth array:
+four arrays read (the write allocates its lines) and one written back, the memory traffic of
+the real update (which reads g, A, theta, m and writes g). What this machine's memory allows a
+correct separate pass, measured beside the floor."""
+
+KERNEL_ON_FLOOR_TRAFFIC = "the fused kernel with m = theta (the floor's 3 arrays)"
+"""The compiled kernel of ``EWC(fused=True)`` called with the centre aliased to the parameter:
+the floor's traffic through our loop, to compare its code with torch's."""
+
+
+def _traffic_fns(model: nn.Module, reg: EWC) -> dict[str, Callable[[], object]]:
+    """The two rows that place the fused kernel against the hardware (see their docstrings), or
+    none where the kernel does not build. Timed in their own round beside the floor: their
+    parameter-sized fourth arrays would otherwise leave less memory for the other rows'
+    temporaries to reuse (the foreach pair then faults in fresh pages: 3.4-4.5x instead of 2x)."""
+    from ewc._fused import fused_kernel
+
+    try:
+        kernel = fused_kernel()
+    except RuntimeError:
+        return {}
+    params = dict(model.named_parameters())
+    names = [name for name in params if name in reg.state.importance]
+    grads = [params[name].grad for name in names]
+    weights = [params[name].detach() for name in names]
+    importances = [reg.state.importance[name] for name in names]
+    outs = [torch.empty_like(w) for w in weights]
+
+    def same_traffic() -> None:
+        for grad, importance, weight, out in zip(grads, importances, weights, outs):
+            torch.addcmul(grad, importance, weight, value=1e-30, out=out)
+
+    def kernel_on_floor_traffic() -> None:
+        for grad, importance, weight in zip(grads, importances, weights):
+            kernel(grad, importance, weight, weight, 1e-30, False)
+
+    return {SAME_TRAFFIC: same_traffic, KERNEL_ON_FLOOR_TRAFFIC: kernel_on_floor_traffic}
+
+
 def floor_rows(mode: str, notes: list[str] | None = None) -> list[Row]:
     """The ``penalty_vs_floor`` table: ``penalty_grad_`` alone against the memory floor, at 1 and
     2 threads, for the MLP and the transformer-sized parameter list (see the module docstring)."""
@@ -468,6 +510,13 @@ def floor_rows(mode: str, notes: list[str] | None = None) -> list[Row]:
             for threads in (1, 2):
                 torch.set_num_threads(threads)
                 times = _timed_after(fns, before, config["repeats"])
+                references = dict.fromkeys(times, times[FLOOR])
+                traffic = _traffic_fns(model, reg)
+                if traffic:  # their own round, each paired with that round's floor
+                    own = _timed_after({FLOOR: fns[FLOOR], **traffic}, before, config["repeats"])
+                    del traffic
+                    for method in (SAME_TRAFFIC, KERNEL_ON_FLOOR_TRAFFIC):
+                        times[method], references[method] = own[method], own[FLOOR]
                 for method, samples in times.items():
                     rows.append(
                         {
@@ -477,7 +526,7 @@ def floor_rows(mode: str, notes: list[str] | None = None) -> list[Row]:
                             "threads": threads,
                             "method": method,
                             "ms": 1e3 * statistics.median(samples),
-                            "ratio_to_floor": median_ratio(samples, times[FLOOR]),
+                            "ratio_to_floor": median_ratio(samples, references[method]),
                         }
                     )
     finally:

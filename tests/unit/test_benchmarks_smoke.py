@@ -72,6 +72,40 @@ def test_penalty_suite_numbers(smoke_run: tuple[Path, dict]) -> None:
     )
 
 
+def test_penalty_floor_rows_place_the_kernel_against_the_hardware(
+    smoke_run: tuple[Path, dict],
+) -> None:
+    from benchmarks.penalty_cost import FLOOR, FUSED, KERNEL_ON_FLOOR_TRAFFIC, SAME_TRAFFIC
+
+    _, results = smoke_run
+    rows = _rows(results, "penalty_vs_floor")
+    for model in {r["model"] for r in rows}:
+        for threads in (1, 2):
+            mine = {r["method"]: r for r in rows if r["model"] == model and r["threads"] == threads}
+            assert {FLOOR, "ewc.penalty_grad_"} <= set(mine), (model, threads)
+            assert mine[FLOOR]["ratio_to_floor"] == 1.0
+            if FUSED in mine:  # the kernel built: the two traffic rows are there, timed
+                for method in (SAME_TRAFFIC, KERNEL_ON_FLOOR_TRAFFIC):
+                    assert mine[method]["ms"] > 0 and mine[method]["ratio_to_floor"] > 0
+
+
+def test_fisher_floor_rows_add_the_squares_for_convolutions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import benchmarks.fisher_speed as fisher_speed
+
+    monkeypatch.setattr(fisher_speed, "FLOOR_CASES", (("cnn", "exact"), ("mlp", "empirical")))
+    rows = fisher_speed.floor_rows(quick=True, threads=1)
+    if not rows:
+        pytest.skip("Avalanche is not installed: the floor rows need its baseline")
+    methods = {model: {r["method"] for r in rows if r["model"] == model} for model in ("cnn", "mlp")}
+    assert methods["cnn"] == {"ewc", "floor", "avalanche", fisher_speed.FLOOR_WITH_SQUARES}
+    assert methods["mlp"] == {"ewc", "floor", "avalanche"}  # no convolution: nothing to square
+    assert all(r["seconds"] > 0 for r in rows)
+
+
 def test_fisher_suite_numbers(smoke_run: tuple[Path, dict]) -> None:
     _, results = smoke_run
     rows = {r["method"]: r for r in _rows(results, "fisher_fidelity")}

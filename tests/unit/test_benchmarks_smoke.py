@@ -100,7 +100,7 @@ def test_fisher_floor_rows_add_the_squares_for_convolutions(
     rows = fisher_speed.floor_rows(quick=True, threads=1)
     if not rows:
         pytest.skip("Avalanche is not installed: the floor rows need its baseline")
-    methods = {model: {r["method"] for r in rows if r["model"] == model} for model in ("cnn", "mlp")}
+    methods = {name: {r["method"] for r in rows if r["model"] == name} for name in ("cnn", "mlp")}
     assert methods["cnn"] == {"ewc", "floor", "avalanche", fisher_speed.FLOOR_WITH_SQUARES}
     assert methods["mlp"] == {"ewc", "floor", "avalanche"}  # no convolution: nothing to square
     assert all(r["seconds"] > 0 for r in rows)

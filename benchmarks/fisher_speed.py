@@ -403,13 +403,20 @@ def _floor(
     and sum every entry."""
     from ewc._per_sample.rules.conv import unfold_input
 
-    hooks = _LayerOutputs(model)
     weights = torch.randn(signals, BATCH, CLASSES)  # the values do not change the cost
     stacked: dict[int, Tensor] = {}
     products: dict[int, Tensor] = {}
     totals: dict[int, Tensor] = {}
 
     def run() -> None:
+        # hooks only while the floor runs: the other timed methods' forwards are not recorded
+        hooks = _LayerOutputs(model)
+        try:
+            _batches(hooks)
+        finally:
+            hooks.remove()
+
+    def _batches(hooks: _LayerOutputs) -> None:
         for x, _ in DataLoader(dataset, batch_size=BATCH):
             hooks.clear()
             output = model(x)

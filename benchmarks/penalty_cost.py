@@ -458,10 +458,14 @@ def _floor_fns(
     return fns, weights
 
 
+TRAFFIC_ROUND_FLOOR = f"{FLOOR} (traffic round)"
+"""The floor as timed in the round of the two traffic rows: their reference."""
+
 SAME_TRAFFIC = "torch addcmul into a 4th array (the update's traffic)"
 """``out = g + c A theta`` by torch's own kernel, per tensor, into a preallocated fourth array:
-four arrays read (the write allocates its lines) and one written back, the memory traffic of
-the real update (which reads g, A, theta, m and writes g). What this machine's memory allows a
+three arrays read and a fourth written, whose lines are filled before they are written back, so
+four arrays in and one out, the memory traffic of the real update (which reads g, A, theta, m
+and writes g). What this machine's memory allows a
 correct separate pass, measured beside the floor."""
 
 KERNEL_ON_FLOOR_TRAFFIC = "the fused kernel with m = theta (the floor's 3 arrays)"
@@ -515,8 +519,9 @@ def floor_rows(mode: str, notes: list[str] | None = None) -> list[Row]:
                 if traffic:  # their own round, each paired with that round's floor
                     own = _timed_after({FLOOR: fns[FLOOR], **traffic}, before, config["repeats"])
                     del traffic
-                    for method in (SAME_TRAFFIC, KERNEL_ON_FLOOR_TRAFFIC):
-                        times[method], references[method] = own[method], own[FLOOR]
+                    own[TRAFFIC_ROUND_FLOOR] = own.pop(FLOOR)
+                    for method in (TRAFFIC_ROUND_FLOOR, SAME_TRAFFIC, KERNEL_ON_FLOOR_TRAFFIC):
+                        times[method], references[method] = own[method], own[TRAFFIC_ROUND_FLOOR]
                 for method, samples in times.items():
                     rows.append(
                         {

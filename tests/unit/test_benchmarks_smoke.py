@@ -75,7 +75,13 @@ def test_penalty_suite_numbers(smoke_run: tuple[Path, dict]) -> None:
 def test_penalty_floor_rows_place_the_kernel_against_the_hardware(
     smoke_run: tuple[Path, dict],
 ) -> None:
-    from benchmarks.penalty_cost import FLOOR, FUSED, KERNEL_ON_FLOOR_TRAFFIC, SAME_TRAFFIC
+    from benchmarks.penalty_cost import (
+        FLOOR,
+        FUSED,
+        KERNEL_ON_FLOOR_TRAFFIC,
+        SAME_TRAFFIC,
+        TRAFFIC_ROUND_FLOOR,
+    )
 
     _, results = smoke_run
     rows = _rows(results, "penalty_vs_floor")
@@ -85,18 +91,17 @@ def test_penalty_floor_rows_place_the_kernel_against_the_hardware(
             assert {FLOOR, "ewc.penalty_grad_"} <= set(mine), (model, threads)
             assert mine[FLOOR]["ratio_to_floor"] == 1.0
             if FUSED in mine:  # the kernel built: the two traffic rows are there, timed
+                assert mine[TRAFFIC_ROUND_FLOOR]["ratio_to_floor"] == 1.0  # their reference
                 for method in (SAME_TRAFFIC, KERNEL_ON_FLOOR_TRAFFIC):
                     assert mine[method]["ms"] > 0 and mine[method]["ratio_to_floor"] > 0
 
 
-def test_fisher_floor_rows_add_the_squares_for_convolutions(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.mark.integration  # real Avalanche as the baseline
+def test_fisher_floor_rows_add_the_squares_for_convolutions() -> None:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     import benchmarks.fisher_speed as fisher_speed
 
-    monkeypatch.setattr(fisher_speed, "FLOOR_CASES", (("cnn", "exact"), ("mlp", "empirical")))
     rows = fisher_speed.floor_rows(quick=True, threads=1)
     if not rows:
         pytest.skip("Avalanche is not installed: the floor rows need its baseline")

@@ -360,8 +360,8 @@ minima of 30 interleaved repeats), so the floor is no slower than the best block
 
 
 FLOOR_WITH_SQUARES = "floor + squares"
-"""The floor of :func:`_floor` with the squares and sums of the per-example conv gradients, the
-one part of the rule's work that is not optional."""
+"""The floor of :func:`_floor` with the squares and sums of the per-example conv gradients, which
+the conv rule's ``"examples"`` path (the one it takes on the small CNN) cannot skip."""
 
 
 class _LayerOutputs:
@@ -412,11 +412,11 @@ def _floor(
         # hooks only while the floor runs: the other timed methods' forwards are not recorded
         hooks = _LayerOutputs(model)
         try:
-            _batches(hooks)
+            batches(hooks)
         finally:
             hooks.remove()
 
-    def _batches(hooks: _LayerOutputs) -> None:
+    def batches(hooks: _LayerOutputs) -> None:
         for x, _ in DataLoader(dataset, batch_size=BATCH):
             hooks.clear()
             output = model(x)

@@ -23,8 +23,9 @@ so caches hold what a training step leaves) and for a transformer-sized paramete
 32000x512 embedding and 8 layers of attention, MLP and norms: 41.6 M parameters in 97 tensors).
 Rows: the default path, ``fused=True``, a plain ``_foreach_sub`` + ``_foreach_addcmul_`` pair,
 and the floor; ``ratio_to_floor`` is the median of paired per-repeat ratios. Where the fused
-kernel builds, two more rows place it against the hardware: torch's own kernel moving the
-update's traffic (four arrays read, one written), and the fused kernel on the floor's traffic.
+kernel builds, three more rows, timed in a round of their own, place it against the hardware:
+that round's floor (their reference), torch's own kernel moving the update's traffic (four
+arrays in, one out), and the fused kernel on the floor's traffic.
 """
 
 from __future__ import annotations
@@ -428,16 +429,25 @@ def _timed_after(
     return times
 
 
+def _update_operands(
+    model: nn.Module, reg: EWC
+) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """``(grads, weights, importances, centres)`` of the consolidated parameters, in order."""
+    params = dict(model.named_parameters())
+    names = [name for name in params if name in reg.state.importance]
+    return (
+        [params[name].grad for name in names],
+        [params[name].detach() for name in names],
+        [reg.state.importance[name] for name in names],
+        [reg.state.centre[name] for name in names],
+    )
+
+
 def _floor_fns(
     model: nn.Module, reg: EWC, notes: list[str] | None
 ) -> tuple[dict[str, Callable[[], object]], list[Tensor]]:
     """The timed updates for one model (floor, default, foreach pair, fused) and its weights."""
-    params = dict(model.named_parameters())
-    names = [name for name in params if name in reg.state.importance]
-    grads = [params[name].grad for name in names]
-    weights = [params[name].detach() for name in names]
-    importances = [reg.state.importance[name] for name in names]
-    centres = [reg.state.centre[name] for name in names]
+    grads, weights, importances, centres = _update_operands(model, reg)
     view = reg.state.bind(model)
     fns: dict[str, Callable[[], object]] = {
         FLOOR: lambda: torch._foreach_addcmul_(grads, importances, weights, value=1e-30),
@@ -465,8 +475,7 @@ SAME_TRAFFIC = "torch addcmul into a 4th array (the update's traffic)"
 """``out = g + c A theta`` by torch's own kernel, per tensor, into a preallocated fourth array:
 three arrays read and a fourth written, whose lines are filled before they are written back, so
 four arrays in and one out, the memory traffic of the real update (which reads g, A, theta, m
-and writes g). What this machine's memory allows a
-correct separate pass, measured beside the floor."""
+and writes g). What this machine's memory allows a correct separate pass, beside the floor."""
 
 KERNEL_ON_FLOOR_TRAFFIC = "the fused kernel with m = theta (the floor's 3 arrays)"
 """The compiled kernel of ``EWC(fused=True)`` called with the centre aliased to the parameter:
@@ -474,8 +483,8 @@ the floor's traffic through our loop, to compare its code with torch's."""
 
 
 def _traffic_fns(model: nn.Module, reg: EWC) -> dict[str, Callable[[], object]]:
-    """The two rows that place the fused kernel against the hardware (see their docstrings), or
-    none where the kernel does not build. Timed in their own round beside the floor: their
+    """The two rows that place the fused kernel against the hardware (their docstrings), or none
+    where the kernel does not build. Timed in their own round beside the floor: their
     parameter-sized fourth arrays would otherwise leave less memory for the other rows'
     temporaries to reuse (the foreach pair then faults in fresh pages: 3.4-4.5x instead of 2x)."""
     from ewc._fused import fused_kernel
@@ -484,11 +493,7 @@ def _traffic_fns(model: nn.Module, reg: EWC) -> dict[str, Callable[[], object]]:
         kernel = fused_kernel()
     except RuntimeError:
         return {}
-    params = dict(model.named_parameters())
-    names = [name for name in params if name in reg.state.importance]
-    grads = [params[name].grad for name in names]
-    weights = [params[name].detach() for name in names]
-    importances = [reg.state.importance[name] for name in names]
+    grads, weights, importances, _ = _update_operands(model, reg)
     outs = [torch.empty_like(w) for w in weights]
 
     def same_traffic() -> None:
